@@ -1,0 +1,109 @@
+"""What a Llama-family decoder layer looks like: module names, head geometry, biases, unit costs.
+
+Everything is read from the model's config and weights; nothing about a particular checkpoint is
+hard-coded. Llama (1/2/3/3.x, SmolLM/SmolLM2), Mistral and Qwen2/2.5 share this layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+from transformers import PretrainedConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model whose architecture this toolkit does not know how to cut."""
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Refuse, in one line, any architecture outside the Llama family we support."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"unsupported architecture {model_type!r}: llama-pruning supports Llama (1/2/3, SmolLM), "
+            f"Mistral and Qwen2/2.5 (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Geometry of the *original* (dense) model that pruning units and plans refer to."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    n_rep: int
+    head_dim: int
+    intermediate_size: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @property
+    def num_heads(self) -> int:
+        return self.num_kv_heads * self.n_rep
+
+    def attn_group_cost(self) -> int:
+        """Parameters one GQA group removes: n_rep query heads, one K and one V head, and o_proj columns."""
+        rows = (self.n_rep + 2) * self.head_dim
+        cost = rows * self.hidden_size + self.n_rep * self.head_dim * self.hidden_size
+        if self.qkv_bias:
+            cost += rows
+        return cost
+
+    def mlp_channel_cost(self) -> int:
+        """Parameters one MLP channel removes: a row of gate_proj and up_proj, a column of down_proj."""
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    def attn_block_params(self, groups: int) -> int:
+        """Parameters of an attention block with `groups` GQA groups (o_proj bias only while groups > 0)."""
+        if groups == 0:
+            return 0
+        return groups * self.attn_group_cost() + (self.hidden_size if self.o_bias else 0)
+
+    def mlp_block_params(self, channels: int) -> int:
+        """Parameters of an MLP block with `channels` intermediate channels."""
+        if channels == 0:
+            return 0
+        return channels * self.mlp_channel_cost() + (self.hidden_size if self.mlp_bias else 0)
+
+    def signature(self) -> dict:
+        """The fields a plan records and must match to be applied to a model."""
+        return asdict(self)
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """Read the dense geometry from a loaded (unpruned) model; raises for unsupported architectures."""
+    config = model.config
+    check_supported(config)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layer = decoder_layers(model)[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    return ModelSpec(
+        model_type=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_kv_heads=kv_heads,
+        n_rep=heads // kv_heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        qkv_bias=attn.q_proj.bias is not None,
+        o_bias=attn.o_proj.bias is not None,
+        mlp_bias=mlp.gate_proj.bias is not None,
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (`model.model.layers`)."""
+    return model.get_decoder().layers
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a model, each shared (tied) tensor counted once."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,104 @@
+"""Save a pruned model as a Hugging Face folder that loads anywhere transformers does.
+
+Uniform layers -> a vanilla checkpoint (no custom code). Per-layer shapes, removed blocks or added
+biases -> the config records `pruned_layout` and the folder carries `modeling_pruned.py` named in
+`auto_map`. Files are written to a temporary folder and moved in with config.json last, so a crash
+never leaves something that looks like a complete model.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from llama_pruning.models import modeling_pruned
+from llama_pruning.models.arch import ModelSpec
+from llama_pruning.models.loading import resolve_dtype
+from llama_pruning.plan import PLAN_FILENAME, PruningPlan
+
+MODELING_FILE = "modeling_pruned.py"
+_STOCK = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def is_vanilla(layout: list[dict], spec: ModelSpec) -> bool:
+    """True when every layer has the same non-empty shape that a stock config can express."""
+    first = layout[0]
+    return (
+        all(entry == first for entry in layout)
+        and first["num_key_value_heads"] > 0
+        and first["intermediate_size"] > 0
+        and first["o_proj_bias"] == spec.o_bias
+        and first["down_proj_bias"] == spec.mlp_bias
+        and spec.hidden_size % (first["num_key_value_heads"] * spec.n_rep) == 0
+    )
+
+
+def export_config(model: nn.Module, plan: PruningPlan | None):
+    """The config to write: vanilla fields when the shapes allow it, else pruned layout + auto_map."""
+    config = copy.deepcopy(model.config)
+    for key in ("quantization_config", "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    layout = getattr(config, "pruned_layout", None)
+    if layout is None:
+        return config
+    spec = plan.model_spec()
+    if is_vanilla(layout, spec):
+        del config.pruned_layout
+        config.num_key_value_heads = layout[0]["num_key_value_heads"]
+        config.num_attention_heads = layout[0]["num_key_value_heads"] * spec.n_rep
+        config.intermediate_size = layout[0]["intermediate_size"]
+        config.architectures = [_STOCK[config.model_type]]
+        return config
+    name = modeling_pruned.PRUNED_CLASSES[config.model_type].__name__
+    config.architectures = [name]
+    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{name}"}
+    return config
+
+
+def save_pruned_model(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    out_dir: str | Path,
+    plan: PruningPlan | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write safetensors, config.json, tokenizer and pruning_plan.json into `out_dir` atomically.
+
+    `out_dir` may already hold other run outputs; only the model's own files are added, config.json last.
+    """
+    out_dir = Path(out_dir)
+    plan = plan or getattr(model, "pruning_plan", None)
+    config = export_config(model, plan)
+    state = None
+    if dtype is not None:
+        torch_dtype = resolve_dtype(dtype)
+        state = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
+        config.dtype = torch_dtype
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
+    try:
+        original = model.config
+        model.config = config
+        try:
+            model.save_pretrained(tmp, state_dict=state)
+        finally:
+            model.config = original
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(config, "auto_map", None):
+            shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
+        if plan is not None:
+            plan.save(tmp / PLAN_FILENAME)
+        files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
+        for path in files:
+            path.replace(out_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

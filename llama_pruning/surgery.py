@@ -1,0 +1,108 @@
+"""Surgery: apply a PruningPlan by physically slicing weights (no masks).
+
+Query head q belongs to KV head q // n_rep (the order of HF's `repeat_kv`), so GQA group g owns query
+heads g*n_rep .. g*n_rep+n_rep-1. Keeping whole groups keeps every layer's Q:KV ratio, which is what
+lets the stock attention forward run unchanged on pruned shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llama_pruning.models.arch import decoder_layers, model_spec
+from llama_pruning.models.modeling_pruned import remove_attention, remove_mlp, renumber_attention
+from llama_pruning.plan import PlanError, PruningPlan
+
+
+def head_rows(heads: list[int], head_dim: int, device: torch.device) -> torch.Tensor:
+    """Row indices of the given heads in a (heads*head_dim, ...) projection."""
+    idx = torch.tensor(heads, dtype=torch.long, device=device)
+    return (idx[:, None] * head_dim + torch.arange(head_dim, device=device)[None, :]).reshape(-1)
+
+
+def group_query_heads(groups: list[int], n_rep: int) -> list[int]:
+    """Query heads owned by the given GQA groups (KV heads)."""
+    return [g * n_rep + r for g in groups for r in range(n_rep)]
+
+
+def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Keep only `rows` (output features) and/or `cols` (input features) of a Linear, in place."""
+    weight = linear.weight.data
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows).clone(),
+                                       requires_grad=linear.bias.requires_grad)
+    if cols is not None:
+        weight = weight.index_select(1, cols)
+    linear.weight = nn.Parameter(weight.clone(), requires_grad=linear.weight.requires_grad)
+    linear.out_features, linear.in_features = weight.shape
+
+
+def add_zero_bias(layer: nn.Module) -> None:
+    """Give a layer's surviving o_proj and down_proj a zero bias, to be filled by bias compensation."""
+    for block, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+        linear = getattr(block, name, None)
+        if linear is not None and linear.bias is None:
+            w = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+
+
+def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Cut `model` (dense, in place) to the plan; returns it for chaining.
+
+    Empty blocks leave the computation (the residual passes through), layers with both blocks empty are
+    deleted, and config fields read by the forward pass and generation are updated.
+    """
+    if getattr(model.config, "pruned_layout", None) is not None:
+        raise PlanError("this model is already pruned; apply plans to the dense model they were made for")
+    spec = model_spec(model)
+    plan.validate(spec)
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1 and any(not g for g in plan.attn_groups):
+        raise PlanError("removing attention blocks from a model with mixed sliding/full layers is not supported")
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        groups, channels = sorted(plan.attn_groups[i]), sorted(plan.mlp_channels[i])
+        attn, mlp = layer.self_attn, layer.mlp
+        device = attn.q_proj.weight.device
+        if not groups:
+            remove_attention(layer)
+        elif len(groups) < spec.num_kv_heads:
+            q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
+            kv_rows = head_rows(groups, spec.head_dim, device)
+            slice_linear(attn.q_proj, rows=q_rows)
+            slice_linear(attn.k_proj, rows=kv_rows)
+            slice_linear(attn.v_proj, rows=kv_rows)
+            slice_linear(attn.o_proj, cols=q_rows)
+        if not channels:
+            remove_mlp(layer)
+        elif len(channels) < spec.intermediate_size:
+            rows = torch.tensor(channels, dtype=torch.long, device=mlp.gate_proj.weight.device)
+            slice_linear(mlp.gate_proj, rows=rows)
+            slice_linear(mlp.up_proj, rows=rows)
+            slice_linear(mlp.down_proj, cols=rows)
+            mlp.intermediate_size = len(channels)
+        if plan.has_bias(i):
+            add_zero_bias(layer)
+    kept = plan.kept_layers
+    model.get_decoder().layers = nn.ModuleList([layers[i] for i in kept])
+    renumber_attention(model)
+    _update_config(config, plan, kept)
+    model.pruning_plan = plan
+    return model
+
+
+def _update_config(config, plan: PruningPlan, kept: list[int]) -> None:
+    """Record the pruned geometry: per-layer layout, layer count; global head fields stay the dense ones.
+
+    Keeping the dense head counts keeps the config valid (transformers checks hidden_size % heads) and
+    preserves n_rep; the modeling code and export read the per-layer sizes from `pruned_layout`.
+    """
+    config.head_dim = plan.model_spec().head_dim
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.pruned_layout = plan.layout()
