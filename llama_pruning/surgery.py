@@ -49,50 +49,64 @@ def add_zero_bias(layer: nn.Module) -> None:
             linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
 
+def prune_layer(layer: nn.Module, plan: PruningPlan, index: int) -> None:
+    """Cut one decoder layer (dense index `index`) to the plan, in place; empty blocks leave the computation."""
+    spec = plan.model_spec()
+    groups, channels = sorted(plan.attn_groups[index]), sorted(plan.mlp_channels[index])
+    attn, mlp = layer.self_attn, layer.mlp
+    if not groups:
+        remove_attention(layer)
+    elif len(groups) < spec.num_kv_heads:
+        device = attn.q_proj.weight.device
+        q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
+        kv_rows = head_rows(groups, spec.head_dim, device)
+        slice_linear(attn.q_proj, rows=q_rows)
+        slice_linear(attn.k_proj, rows=kv_rows)
+        slice_linear(attn.v_proj, rows=kv_rows)
+        slice_linear(attn.o_proj, cols=q_rows)
+    if not channels:
+        remove_mlp(layer)
+    elif len(channels) < spec.intermediate_size:
+        rows = torch.tensor(channels, dtype=torch.long, device=mlp.gate_proj.weight.device)
+        slice_linear(mlp.gate_proj, rows=rows)
+        slice_linear(mlp.up_proj, rows=rows)
+        slice_linear(mlp.down_proj, cols=rows)
+        mlp.intermediate_size = len(channels)
+    if plan.has_bias(index):
+        add_zero_bias(layer)
+
+
+def check_plan(model: nn.Module, plan: PruningPlan) -> None:
+    """Raise PlanError unless `plan` can be applied to this dense model."""
+    if getattr(model.config, "pruned_layout", None) is not None:
+        raise PlanError("this model is already pruned; apply plans to the dense model they were made for")
+    plan.validate(model_spec(model))
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types and len(set(layer_types)) > 1 and any(not g for g in plan.attn_groups):
+        raise PlanError("removing attention blocks from a model with mixed sliding/full layers is unsupported")
+
+
+def finalize(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """After every layer is cut: delete emptied layers, renumber cache indices, record the layout in the config."""
+    kept = plan.kept_layers
+    layers = decoder_layers(model)
+    model.get_decoder().layers = nn.ModuleList([layers[i] for i in kept])
+    renumber_attention(model)
+    _update_config(model.config, plan, kept)
+    model.pruning_plan = plan
+    return model
+
+
 def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """Cut `model` (dense, in place) to the plan; returns it for chaining.
+    """Cut `model` (dense, in place) to the plan and return it.
 
     Empty blocks leave the computation (the residual passes through), layers with both blocks empty are
     deleted, and config fields read by the forward pass and generation are updated.
     """
-    if getattr(model.config, "pruned_layout", None) is not None:
-        raise PlanError("this model is already pruned; apply plans to the dense model they were made for")
-    spec = model_spec(model)
-    plan.validate(spec)
-    config = model.config
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and len(set(layer_types)) > 1 and any(not g for g in plan.attn_groups):
-        raise PlanError("removing attention blocks from a model with mixed sliding/full layers is not supported")
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        groups, channels = sorted(plan.attn_groups[i]), sorted(plan.mlp_channels[i])
-        attn, mlp = layer.self_attn, layer.mlp
-        device = attn.q_proj.weight.device
-        if not groups:
-            remove_attention(layer)
-        elif len(groups) < spec.num_kv_heads:
-            q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
-            kv_rows = head_rows(groups, spec.head_dim, device)
-            slice_linear(attn.q_proj, rows=q_rows)
-            slice_linear(attn.k_proj, rows=kv_rows)
-            slice_linear(attn.v_proj, rows=kv_rows)
-            slice_linear(attn.o_proj, cols=q_rows)
-        if not channels:
-            remove_mlp(layer)
-        elif len(channels) < spec.intermediate_size:
-            rows = torch.tensor(channels, dtype=torch.long, device=mlp.gate_proj.weight.device)
-            slice_linear(mlp.gate_proj, rows=rows)
-            slice_linear(mlp.up_proj, rows=rows)
-            slice_linear(mlp.down_proj, cols=rows)
-            mlp.intermediate_size = len(channels)
-        if plan.has_bias(i):
-            add_zero_bias(layer)
-    kept = plan.kept_layers
-    model.get_decoder().layers = nn.ModuleList([layers[i] for i in kept])
-    renumber_attention(model)
-    _update_config(config, plan, kept)
-    model.pruning_plan = plan
-    return model
+    check_plan(model, plan)
+    for i, layer in enumerate(decoder_layers(model)):
+        prune_layer(layer, plan, i)
+    return finalize(model, plan)
 
 
 def _update_config(config, plan: PruningPlan, kept: list[int]) -> None:
