@@ -67,6 +67,8 @@ def smollm2_hf_dir() -> Path:
     src = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # the weights are already dequantized to fp32: forget the GGUF quantizer so the model saves as plain HF
+    model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL
