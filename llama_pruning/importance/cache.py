@@ -1,0 +1,80 @@
+"""On-disk cache of importance tables, so a sweep over pruning ratios scores the model once per setting.
+
+A table is stored as CSV under a name derived from everything that determines it: the model (name and
+dtype), the method (and `taylor_2nd` variant, and seed for `random`), the caller's description of the
+calibration data (`key_fields`, e.g. dataset and sampling seed) and a SHA-256 of the sample tokens
+themselves, so different samples never share an entry even when described alike. Settings that only
+change speed or float rounding (micro-batch size, checkpointing, device) are not part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from llama_pruning.importance.unit import DEFAULT_TAYLOR_2ND_VARIANT, compute_importance
+
+logger = logging.getLogger(__name__)
+
+
+def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, key_fields: dict | None = None, *,
+                         seed: int = 0, taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT) -> dict:
+    """The JSON-serialisable fields that identify one importance table."""
+    key = dict(key_fields or {})
+    key.update(
+        model=str(model.config.name_or_path),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        method=method,
+        num_samples=int(samples.shape[0]),
+        seq_len=int(samples.shape[1]),
+        samples_sha256=hashlib.sha256(samples.detach().cpu().contiguous().numpy().tobytes()).hexdigest(),
+    )
+    if method == "taylor_2nd":
+        key["variant"] = taylor_2nd_variant
+    if method == "random":
+        key["random_seed"] = seed
+    return key
+
+
+def cache_path(cache_dir: str | Path, key: dict) -> Path:
+    """`<model>-<method>[-<variant>]-<hash of the key>.csv` inside `cache_dir`."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    stem = "-".join(str(part) for part in (key["model"], key["method"], key.get("variant")) if part)
+    return Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9._]+', '_', stem)}-{digest}.csv"
+
+
+def cached_importance(model: nn.Module, samples: torch.Tensor, method: str, cache_dir: str | Path,
+                      key_fields: dict | None = None, **kwargs) -> pd.DataFrame:
+    """`compute_importance(model, samples, method, **kwargs)`, read from `cache_dir` when already computed.
+
+    A new table is written atomically (temporary file, then rename), so an interrupted run or two
+    concurrent runs never leave a truncated entry behind. The table returned is always the one read
+    from the file, so a first run and every later hit give bit-identical tables.
+    """
+    key = importance_cache_key(model, samples, method, key_fields, seed=kwargs.get("seed", 0),
+                               taylor_2nd_variant=kwargs.get("taylor_2nd_variant", DEFAULT_TAYLOR_2ND_VARIANT))
+    path = cache_path(cache_dir, key)
+    if path.is_file():
+        logger.info("importance cache hit: %s", path)
+        return pd.read_csv(path)
+    table = compute_importance(model, samples, method, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            table.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("importance table written to %s", path)
+    return pd.read_csv(path)

@@ -1,0 +1,262 @@
+"""Unit-level importance: one score per attention group and per MLP channel of every layer.
+
+Methods (formulas and signs in docs/IMPORTANCE.md):
+- `taylor`: sum over the unit's weights of |w * g|, g = dL/dw of the mean token NLL over all samples.
+- `taylor_2nd`: adds the diagonal-Fisher second-order term 0.5 * w^2 * F, F = mean over samples of the
+  squared per-sample gradient; variants `mix` |w g - 0.5 w^2 F|, `second` 0.5 w^2 F, `sum` |w g| + 0.5 w^2 F.
+- `wanda`: sum over the unit's weights of |w| * ||x_in||_2 (input feature norm over all calibration tokens).
+- `magnitude`: L2 norm of all the unit's weights; `random`: seeded uniform scores.
+
+Gradient methods never ask autograd for weight gradients: a forward hook on each projection keeps its
+input x and hooks its output, whose gradient dy arrives in the backward pass; the weight gradient is then
+dy^T x (per sample for `taylor_2nd`), folded at once into float32 accumulators. So no `.grad` buffer is
+ever allocated, embeddings and lm_head get no weight gradient, and micro-batching changes nothing but
+float rounding.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from llama_pruning.importance.runtime import (
+    calibration_session,
+    check_batch_size,
+    check_dense,
+    check_samples,
+    micro_batches,
+    nll_sum,
+)
+from llama_pruning.importance.units import GROUP_TYPES, UnitLinear, unit_counts, unit_linears, unit_sum
+from llama_pruning.models.arch import ModelSpec, model_spec
+
+METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
+DEFAULT_TAYLOR_2ND_VARIANT = "mix"
+
+Key = tuple[int, str]  # (layer_idx, group_type)
+Columns = dict[str, dict[Key, torch.Tensor]]
+
+
+def _zeros(spec: ModelSpec, device: torch.device) -> dict[Key, torch.Tensor]:
+    counts = unit_counts(spec)
+    return {(i, t): torch.zeros(counts[t], dtype=torch.float32, device=device)
+            for i in range(spec.num_layers) for t in GROUP_TYPES}
+
+
+def _accumulate(buffers: dict, key: tuple, value: torch.Tensor) -> None:
+    """Add `value` into `buffers[key]`, adopting the (freshly computed, float32) tensor on first use."""
+    if key in buffers:
+        buffers[key].add_(value)
+    else:
+        buffers[key] = value
+
+
+class TaylorAccumulator:
+    """Collects, from each projection's input and output gradient, what the Taylor scores need.
+
+    The loss is the mean token NLL over all N samples, so the output gradients of one micro-batch are
+    1/N times those of its samples' own losses: per sample s, G_s = dy_s^T x_s = g_s / N. Then
+    g = sum_s G_s and F = mean_s g_s^2 = N * sum_s G_s^2.
+
+    Linear quantities (signed first order, second-order term) are summed per unit as they arrive;
+    per-weight float32 buffers are kept only where a score is a non-linear function of the full sums:
+    g for |w g| (`taylor`, `mix`, `sum`), and sum_s G_s^2 for `mix` alone.
+    """
+
+    def __init__(self, units: list[UnitLinear], spec: ModelSpec, num_samples: int, device: torch.device,
+                 variant: str | None):
+        self.units = units
+        self.num_samples = num_samples
+        self.variant = variant  # None: first order only
+        self.signed = _zeros(spec, device)
+        self.second = _zeros(spec, device)
+        self.importance = _zeros(spec, device)
+        self.grad: dict[tuple, torch.Tensor] = {}
+        self.sq: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def per_sample(self) -> bool:
+        return self.variant is not None
+
+    def attach(self) -> list:
+        return [unit.linear.register_forward_hook(partial(self._on_forward, unit)) for unit in self.units]
+
+    def _on_forward(self, unit: UnitLinear, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        # Without a graph (e.g. the first pass of reentrant checkpointing) there is nothing to wait for.
+        if output.requires_grad:
+            x = inputs[0].detach()
+            output.register_hook(lambda dy: self._consume(unit, x, dy))
+
+    def _consume(self, unit: UnitLinear, x: torch.Tensor, dy: torch.Tensor) -> None:
+        x = x.float().reshape(x.shape[0], -1, x.shape[-1])
+        dy = dy.float().reshape(dy.shape[0], -1, dy.shape[-1])
+        if self.per_sample:
+            for s in range(x.shape[0]):
+                self._update(unit, dy[s].T @ x[s], dy[s].sum(0))
+        else:
+            self._update(unit, dy.flatten(0, 1).T @ x.flatten(0, 1), dy.sum((0, 1)))
+
+    @torch.no_grad()
+    def _update(self, unit: UnitLinear, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+        key = (unit.layer_idx, unit.group_type)
+        for kind, param, axis in unit.params():
+            g = grad_weight if kind == "weight" else grad_bias
+            w = param.detach().float()
+            self.signed[key] -= unit_sum(w * g, axis, unit.n_units)
+            if self.per_sample:
+                sq = g * g
+                self.second[key] += (0.5 * self.num_samples) * unit_sum(w * w * sq, axis, unit.n_units)
+                if self.variant == "mix":
+                    _accumulate(self.sq, (unit.layer_idx, unit.name, kind), sq)
+            if self.variant != "second":
+                _accumulate(self.grad, (unit.layer_idx, unit.name, kind), g)
+
+    @torch.no_grad()
+    def finish(self) -> Columns:
+        """Per-unit scores from the accumulated sums; frees each per-weight buffer once read."""
+        if self.variant == "second":
+            return {"importance": self.second, "signed_first_order": self.signed, "second_order": self.second}
+        for unit in self.units:
+            key = (unit.layer_idx, unit.group_type)
+            for kind, param, axis in unit.params():
+                w = param.detach().float()
+                wg = w * self.grad.pop((unit.layer_idx, unit.name, kind))
+                if self.variant == "mix":
+                    fisher = self.num_samples * self.sq.pop((unit.layer_idx, unit.name, kind))
+                    wg -= 0.5 * w * w * fisher
+                self.importance[key] += unit_sum(wg.abs_(), axis, unit.n_units)
+        if self.variant is None:
+            return {"importance": self.importance, "signed_first_order": self.signed}
+        if self.variant == "sum":
+            for key, value in self.second.items():
+                self.importance[key] += value
+        return {"importance": self.importance, "signed_first_order": self.signed, "second_order": self.second}
+
+
+def _taylor(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
+            variant: str | None, progress: bool) -> Columns:
+    """Gradient pass over the samples, loss normalised to the mean token NLL over all of them."""
+    num_samples, seq_len = samples.shape
+    acc = TaylorAccumulator(unit_linears(model, spec), spec, num_samples, device, variant)
+    handles = acc.attach()
+    desc = "taylor" if variant is None else f"taylor_2nd ({variant})"
+    try:
+        for ids in micro_batches(samples, batch_size, device, desc, progress):
+            loss = nll_sum(model, ids) / (num_samples * (seq_len - 1))
+            loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acc.finish()
+
+
+@torch.no_grad()
+def _wanda(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
+           progress: bool) -> Columns:
+    """|w| times the L2 norm, over all calibration tokens, of the input feature the weight reads.
+
+    A bias is a weight on a constant input of 1, whose norm over the T calibration tokens is sqrt(T).
+    """
+    units = unit_linears(model, spec)
+    sumsq: dict[int, torch.Tensor] = {}
+
+    def record(index: int, _module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+        x = inputs[0].float()
+        _accumulate(sumsq, index, x.pow(2).reshape(-1, x.shape[-1]).sum(0))
+
+    handles = [unit.linear.register_forward_hook(partial(record, i)) for i, unit in enumerate(units)]
+    try:
+        for ids in micro_batches(samples, batch_size, device, "wanda", progress):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    tokens = samples.numel()
+    importance = _zeros(spec, device)
+    for i, unit in enumerate(units):
+        norms = sumsq.pop(i).sqrt_()
+        for kind, param, axis in unit.params():
+            scale = norms if kind == "weight" else tokens ** 0.5
+            score = param.detach().float().abs() * scale
+            importance[(unit.layer_idx, unit.group_type)] += unit_sum(score, axis, unit.n_units)
+    return {"importance": importance}
+
+
+@torch.no_grad()
+def _magnitude(model: nn.Module, spec: ModelSpec) -> Columns:
+    """L2 norm of all the unit's weights (q/k/v rows, o_proj columns; gate/up rows, down columns; biases)."""
+    squares = _zeros(spec, next(model.parameters()).device)
+    for unit in unit_linears(model, spec):
+        for _kind, param, axis in unit.params():
+            squares[(unit.layer_idx, unit.group_type)] += unit_sum(param.detach().float().pow(2), axis, unit.n_units)
+    return {"importance": {key: value.sqrt() for key, value in squares.items()}}
+
+
+def _random(spec: ModelSpec, seed: int) -> Columns:
+    """Uniform [0, 1) scores from a generator seeded with `seed`, drawn layer by layer, attention first."""
+    generator = torch.Generator().manual_seed(seed)
+    counts = unit_counts(spec)
+    return {"importance": {(i, t): torch.rand(counts[t], generator=generator, dtype=torch.float64)
+                           for i in range(spec.num_layers) for t in GROUP_TYPES}}
+
+
+def importance_table(spec: ModelSpec, columns: Columns) -> pd.DataFrame:
+    """One row per unit: layer_idx, group_type, group_idx, then each score column (float64)."""
+    counts = unit_counts(spec)
+    keys = [(i, t) for i in range(spec.num_layers) for t in GROUP_TYPES]
+    data = {
+        "layer_idx": np.concatenate([np.full(counts[t], i) for i, t in keys]),
+        "group_type": np.concatenate([np.full(counts[t], t, dtype=object) for _, t in keys]),
+        "group_idx": np.concatenate([np.arange(counts[t]) for _, t in keys]),
+    }
+    for name, values in columns.items():
+        data[name] = np.concatenate([values[key].detach().double().cpu().numpy() for key in keys])
+    return pd.DataFrame(data)
+
+
+def compute_importance(
+    model: nn.Module,
+    samples: torch.Tensor,
+    method: str,
+    *,
+    gradient_batch_size: int = 4,
+    device: str | torch.device | None = None,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Score every attention group and MLP channel of a dense model on calibration `samples`.
+
+    Returns a DataFrame with `layer_idx, group_type ('attn'|'mlp'), group_idx, importance` (higher =
+    more important), plus `signed_first_order` (Taylor methods) and `second_order` (`taylor_2nd`).
+    `gradient_batch_size` is the micro-batch of every calibration pass; results do not depend on it
+    beyond float rounding. The model is returned in the state it came in (mode, requires_grad, device).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown importance method {method!r}; choose one of {', '.join(METHODS)}")
+    if taylor_2nd_variant not in TAYLOR_2ND_VARIANTS:
+        raise ValueError(f"unknown taylor_2nd variant {taylor_2nd_variant!r}; "
+                         f"choose one of {', '.join(TAYLOR_2ND_VARIANTS)}")
+    check_samples(samples)
+    check_batch_size(gradient_batch_size)
+    check_dense(model)
+    spec = model_spec(model)
+    if method == "random":
+        return importance_table(spec, _random(spec, seed))
+    gradients = method in ("taylor", "taylor_2nd")
+    with calibration_session(model, device, gradients=gradients,
+                             gradient_checkpointing=gradient_checkpointing and gradients) as dev:
+        if method == "magnitude":
+            columns = _magnitude(model, spec)
+        elif method == "wanda":
+            columns = _wanda(model, samples, spec, dev, gradient_batch_size, progress)
+        else:
+            variant = taylor_2nd_variant if method == "taylor_2nd" else None
+            columns = _taylor(model, samples, spec, dev, gradient_batch_size, variant, progress)
+    return importance_table(spec, columns)

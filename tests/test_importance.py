@@ -1,0 +1,290 @@
+"""Unit importance: Taylor (1st/2nd order), Wanda, magnitude, random, against direct computations; cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+import llama_pruning.importance.cache as cache_module
+from llama_pruning.importance import (
+    METHODS,
+    TAYLOR_2ND_VARIANTS,
+    cached_importance,
+    compute_importance,
+)
+from llama_pruning.models.arch import model_spec
+from tests.tiny import tiny_model
+
+
+def markov_tokens(num: int, length: int, seed: int, vocab: int = 97) -> torch.Tensor:
+    """Text from a fixed sparse Markov chain (3 successors per token, probabilities .6/.3/.1): learnable."""
+    successors = torch.randint(0, vocab, (vocab, 3), generator=torch.Generator().manual_seed(123))
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.tensor([0.6, 0.3, 0.1]).expand(num, 3)
+    out = torch.empty(num, length, dtype=torch.long)
+    out[:, 0] = torch.randint(0, vocab, (num,), generator=gen)
+    for t in range(1, length):
+        pick = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        out[:, t] = successors[out[:, t - 1], pick]
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A 2-layer tiny Llama trained 150 steps on the Markov text, so the loss surface is not flat."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is several times faster on a shared CPU
+    try:
+        model = tiny_model(layers=2, kv_heads=2, n_rep=2, head_dim=8, intermediate=64)
+        model.train()
+        data = markov_tokens(150 * 16, 32, seed=1)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(150):
+            ids = data[step * 16:(step + 1) * 16]
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        yield model
+    finally:
+        torch.set_num_threads(threads)
+
+
+def mean_nll(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_signed_first_order_ranks_measured_removal(trained):
+    """-sum(w g) over a channel predicts, in rank, the loss increase when the channel is masked."""
+    calib = markov_tokens(32, 32, seed=10**6)
+    table = compute_importance(trained, calib, "taylor", progress=False)
+    base = mean_nll(trained, calib)
+    down = trained.model.layers[1].mlp.down_proj.weight
+    increases = []
+    for c in range(down.shape[1]):
+        saved = down[:, c].clone()
+        with torch.no_grad():
+            down[:, c] = 0
+        increases.append(mean_nll(trained, calib) - base)
+        with torch.no_grad():
+            down[:, c] = saved
+    rows = table[(table.layer_idx == 1) & (table.group_type == "mlp")]
+    assert spearmanr(rows.signed_first_order, increases).statistic > 0.6
+
+
+# ---- hand computations ------------------------------------------------------------------------------
+
+def unit_tensors(model, layer: int, group_type: str, idx: int, grads: dict | None = None) -> list[torch.Tensor]:
+    """The weights (or, with `grads`, their gradients) of one unit, sliced by hand from the dense layout."""
+    spec = model_spec(model)
+    prefix = f"model.layers.{layer}."
+    params = dict(model.named_parameters())
+    source = grads if grads is not None else {k: v.detach() for k, v in params.items()}
+    if group_type == "attn":
+        q = slice(idx * spec.n_rep * spec.head_dim, (idx + 1) * spec.n_rep * spec.head_dim)
+        kv = slice(idx * spec.head_dim, (idx + 1) * spec.head_dim)
+        names = [("self_attn.q_proj", q, False), ("self_attn.k_proj", kv, False), ("self_attn.v_proj", kv, False),
+                 ("self_attn.o_proj", q, True)]
+    else:
+        c = slice(idx, idx + 1)
+        names = [("mlp.gate_proj", c, False), ("mlp.up_proj", c, False), ("mlp.down_proj", c, True)]
+    out = []
+    for name, sl, column in names:
+        out.append(source[prefix + name + ".weight"][:, sl] if column else source[prefix + name + ".weight"][sl])
+        if not column and prefix + name + ".bias" in params:
+            out.append(source[prefix + name + ".bias"][sl])
+    return out
+
+
+def all_units(model):
+    spec = model_spec(model)
+    for layer in range(spec.num_layers):
+        for idx in range(spec.num_kv_heads):
+            yield layer, "attn", idx
+        for idx in range(spec.intermediate_size):
+            yield layer, "mlp", idx
+
+
+def per_sample_grads(model, samples: torch.Tensor) -> list[dict]:
+    """Gradient of each sample's own mean token NLL, by a plain loop."""
+    out = []
+    for ids in samples:
+        model.zero_grad()
+        model(input_ids=ids[None], labels=ids[None]).loss.backward()
+        out.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    model.zero_grad()
+    return out
+
+
+def test_taylor_and_taylor_2nd_match_hand_computation():
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=3)
+    samples = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+    grads = per_sample_grads(model, samples)
+    g = {k: torch.stack([s[k] for s in grads]).mean(0) for k in grads[0]}
+    fisher = {k: torch.stack([s[k] ** 2 for s in grads]).mean(0) for k in grads[0]}
+    tables = {v: compute_importance(model, samples, "taylor_2nd", taylor_2nd_variant=v, gradient_batch_size=2,
+                                    progress=False) for v in TAYLOR_2ND_VARIANTS}
+    tables["taylor"] = compute_importance(model, samples, "taylor", gradient_batch_size=2, progress=False)
+    expected = {k: [] for k in ("taylor", "signed", "second", "mix")}
+    for unit in all_units(model):
+        parts = list(zip(unit_tensors(model, *unit), unit_tensors(model, *unit, g), unit_tensors(model, *unit, fisher),
+                         strict=True))
+        expected["taylor"].append(sum((w * gr).abs().sum() for w, gr, _ in parts).item())
+        expected["signed"].append(sum((-w * gr).sum() for w, gr, _ in parts).item())
+        expected["second"].append(sum((0.5 * w**2 * f).sum() for w, _, f in parts).item())
+        expected["mix"].append(sum((w * gr - 0.5 * w**2 * f).abs().sum() for w, gr, f in parts).item())
+    expected = {k: np.array(v) for k, v in expected.items()}
+    close = dict(rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(tables["taylor"].importance, expected["taylor"], **close)
+    np.testing.assert_allclose(tables["mix"].importance, expected["mix"], **close)
+    np.testing.assert_allclose(tables["second"].importance, expected["second"], **close)
+    np.testing.assert_allclose(tables["sum"].importance, expected["taylor"] + expected["second"], **close)
+    for table in tables.values():
+        np.testing.assert_allclose(table.signed_first_order, expected["signed"], rtol=1e-4, atol=1e-6)
+    for variant in TAYLOR_2ND_VARIANTS:
+        np.testing.assert_allclose(tables[variant].second_order, expected["second"], **close)
+    # the documented decomposition: `sum` = `taylor` + second_order
+    np.testing.assert_allclose(tables["sum"].importance, tables["taylor"].importance + tables["sum"].second_order,
+                               rtol=1e-6)
+
+
+def test_wanda_matches_recorded_activations():
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=4)
+    samples = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(1))
+    inputs = {}
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, i[0]))
+               for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        model(input_ids=samples)
+    for handle in handles:
+        handle.remove()
+    # per-weight Wanda scores |W_ij| * ||X_j||; a bias reads a constant 1 over all 60 tokens
+    scores = {}
+    for name, module in model.named_modules():
+        if name in inputs:
+            norms = inputs[name].reshape(-1, module.in_features).norm(dim=0)
+            scores[name + ".weight"] = module.weight.detach().abs() * norms
+            if module.bias is not None:
+                scores[name + ".bias"] = module.bias.detach().abs() * samples.numel() ** 0.5
+    expected = [sum(t.sum() for t in unit_tensors(model, *unit, scores)).item() for unit in all_units(model)]
+    table = compute_importance(model, samples, "wanda", gradient_batch_size=4, progress=False)
+    np.testing.assert_allclose(table.importance, expected, rtol=1e-5)
+
+
+def test_magnitude_and_random():
+    model = tiny_model(layers=2, bias=True, intermediate=16)
+    samples = torch.zeros(1, 4, dtype=torch.long)
+    table = compute_importance(model, samples, "magnitude", progress=False)
+    expected = [torch.sqrt(sum((w**2).sum() for w in unit_tensors(model, *u))).item() for u in all_units(model)]
+    np.testing.assert_allclose(table.importance, expected, rtol=1e-6)
+    first = compute_importance(model, samples, "random", seed=5, progress=False)
+    pd.testing.assert_frame_equal(first, compute_importance(model, samples, "random", seed=5, progress=False))
+    assert not np.allclose(first.importance, compute_importance(model, samples, "random", seed=6).importance)
+
+
+def test_table_layout():
+    model = tiny_model(layers=3, kv_heads=2, intermediate=10)
+    table = compute_importance(model, torch.zeros(1, 4, dtype=torch.long), "magnitude", progress=False)
+    assert list(table.columns) == ["layer_idx", "group_type", "group_idx", "importance"]
+    assert len(table) == 3 * (2 + 10)
+    layer1 = table[table.layer_idx == 1]
+    assert layer1.group_type.tolist() == ["attn"] * 2 + ["mlp"] * 10
+    assert layer1.group_idx.tolist() == [0, 1] + list(range(10))
+
+
+@pytest.mark.parametrize("method", ["taylor", "taylor_2nd"])
+def test_micro_batch_size_does_not_change_scores(method):
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=7)
+    samples = torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(2))
+    tables = [compute_importance(model, samples, method, gradient_batch_size=b, progress=False) for b in (1, 2, 8)]
+    for table in tables[1:]:
+        for column in table.columns[3:]:
+            ref = tables[0][column].to_numpy()
+            np.testing.assert_allclose(table[column], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_gradient_checkpointing_same_scores_and_state_restored():
+    model = tiny_model(layers=2, intermediate=16, seed=8)
+    model.lm_head.weight.requires_grad_(False)
+    model.model.layers[0].train()
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(3))
+    calls = []
+    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: calls.append(1))
+    plain = compute_importance(model, samples, "taylor_2nd", gradient_batch_size=2, progress=False)
+    plain_calls = len(calls)
+    ckpt = compute_importance(model, samples, "taylor_2nd", gradient_batch_size=2, gradient_checkpointing=True,
+                              progress=False)
+    handle.remove()
+    assert plain_calls == 2 and len(calls) - plain_calls == 4  # each layer ran again in the backward pass
+    np.testing.assert_allclose(ckpt.importance, plain.importance, rtol=1e-5)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not model.is_activation_checkpointing
+    assert not hasattr(model, "_require_grads_hook")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bf16_model_scores_close_to_float32():
+    model = tiny_model(layers=2, intermediate=16, seed=9)
+    samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(4))
+    ref = compute_importance(model, samples, "taylor", progress=False)
+    low = compute_importance(model.to(torch.bfloat16), samples, "taylor", progress=False)
+    assert low.importance.dtype == np.float64
+    assert spearmanr(low.importance, ref.importance).statistic > 0.95
+
+
+def test_bad_input_messages():
+    model = tiny_model(layers=2)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="choose one of " + ", ".join(METHODS)):
+        compute_importance(model, ids, "fisher")
+    with pytest.raises(ValueError, match="unknown taylor_2nd variant 'both'"):
+        compute_importance(model, ids, "taylor_2nd", taylor_2nd_variant="both")
+    with pytest.raises(ValueError, match="LongTensor"):
+        compute_importance(model, ids.float(), "taylor")
+    with pytest.raises(ValueError, match="batch size"):
+        compute_importance(model, ids, "wanda", gradient_batch_size=0)
+    model.config.pruned_layout = [{}]
+    with pytest.raises(ValueError, match="already pruned"):
+        compute_importance(model, ids, "taylor")
+
+
+# ---- cache ------------------------------------------------------------------------------------------
+
+def test_cache_hit_returns_identical_table_without_recomputing(tmp_path, monkeypatch):
+    model = tiny_model(layers=2, intermediate=16)
+    samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(5))
+    fields = {"dataset": "markov", "seed": 0}
+    first = cached_importance(model, samples, "taylor_2nd", tmp_path, fields, progress=False)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".csv"]  # no temporary file left behind
+    pd.testing.assert_frame_equal(first, compute_importance(model, samples, "taylor_2nd", progress=False))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed despite a cache entry")
+
+    monkeypatch.setattr(cache_module, "compute_importance", fail)
+    again = cached_importance(model, samples, "taylor_2nd", tmp_path, fields, gradient_batch_size=1, progress=False)
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    # anything that changes the table changes the entry
+    for other_samples, other_fields, kwargs in ((samples, fields, {"taylor_2nd_variant": "sum"}),
+                                                (samples.flip(0), fields, {}),
+                                                (samples, {**fields, "dataset": "other"}, {})):
+        with pytest.raises(AssertionError, match="recomputed"):
+            cached_importance(model, other_samples, "taylor_2nd", tmp_path, other_fields, progress=False, **kwargs)
+
+
+@pytest.mark.slow
+def test_smollm2_taylor_and_wanda_tables(smollm2):
+    model, _ = smollm2
+    samples = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    for method in ("taylor", "wanda"):
+        table = compute_importance(model, samples, method, gradient_batch_size=2, progress=False)
+        assert len(table) == 30 * (3 + 1536)
+        assert np.isfinite(table.importance).all() and (table.importance > 0).all()
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
