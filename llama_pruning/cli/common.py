@@ -1,0 +1,214 @@
+"""Argument pieces and the pipeline shared by `global` and `layer` pruning (one implementation, two selectors).
+
+load -> calibration -> importance (cached) -> selection -> plan -> surgery (+ reconstruction) -> recovery
+-> evaluation -> save, all logged into prune_log/<name>/<YYYYMMDD_HHMMSS>/training.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from llama_pruning.models.arch import count_params, model_spec
+from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_model
+from llama_pruning.plan import PLAN_FILENAME, PruningPlan
+from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
+
+IMPORTANCE_METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+RECONSTRUCT_MODES = ("none", "bias", "lsq")
+
+# (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
+Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
+
+
+def ratio(text: str) -> float:
+    """argparse type for a pruning ratio in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
+    from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, TAYLOR_2ND_VARIANTS
+    from llama_pruning.reconstruct import DEFAULT_RIDGE
+    from llama_pruning.recovery import add_arguments as add_recovery_arguments
+
+    p = parser.add_argument_group("model and run")
+    p.add_argument("--base_model", default=DEFAULT_MODEL,
+                   help=f"HF id, local folder, or {DEFAULT_MODEL} (the embedded default)")
+    p.add_argument("--save_ckpt_log_name", default=default_name, help="run folder name under --output_root")
+    p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
+    p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder, deleting its contents")
+    p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded and pruned in")
+    p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
+    p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
+    p = parser.add_argument_group("importance")
+    p.add_argument("--pruning_ratio", type=ratio, default=0.2,
+                   help="fraction of the model's TOTAL parameters (embeddings included) to remove")
+    p.add_argument("--importance_method", choices=IMPORTANCE_METHODS, default="taylor", help="unit importance metric")
+    p.add_argument("--taylor_2nd_variant", choices=TAYLOR_2ND_VARIANTS, default=DEFAULT_TAYLOR_2ND_VARIANT,
+                   help="form of the second-order Taylor score (see docs/IMPORTANCE.md)")
+    p.add_argument("--dataset", default="wikitext2",
+                   help="calibration data: wikitext2, ptb, c4, or a local .txt/.jsonl file")
+    p.add_argument("--num_samples", type=positive_int, default=64, help="calibration windows")
+    p.add_argument("--seq_len", type=positive_int, default=128, help="tokens per calibration window")
+    p.add_argument("--gradient_batch_size", type=positive_int, default=4,
+                   help="micro-batch of the calibration passes (results do not depend on it)")
+    p.add_argument("--importance_cache", default=None,
+                   help="importance cache folder (default: <output_root>/.importance_cache; 'none' disables)")
+    p = parser.add_argument_group("cutting")
+    p.add_argument("--round_to", type=positive_int, default=1, help="keep each MLP width a multiple of N (8/64 help GPUs)")
+    p.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default="lsq",
+                   help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
+    p.add_argument("--reconstruct_ridge", type=float, default=DEFAULT_RIDGE,
+                   help="ridge strength of lsq, relative to the mean Gram diagonal, pulling toward the original weights")
+    p = parser.add_argument_group("evaluation and output")
+    p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
+    p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
+    p.add_argument("--eval_max_windows", type=int, default=0,
+                   help="evaluate only the first N windows of 128 tokens (0 = the whole split)")
+    p.add_argument("--save_model", action="store_true", help="save the pruned model (HF format) in the run folder")
+    p.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the saved weights (default: as pruned)")
+    add_recovery_arguments(parser)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _ppl(model: nn.Module, tokenizer, args: argparse.Namespace) -> float:
+    from llama_pruning.evaluation import PPLMetric
+
+    result = PPLMetric(model, tokenizer, datasets=["wikitext2"], seq_len=128, device=args.device,
+                       max_windows=args.eval_max_windows or None)
+    return float(next(iter(result.values())))
+
+
+def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor) -> pd.DataFrame:
+    """Unit importance for the run's method, from the cache when this (model, data, method) was seen."""
+    from llama_pruning.importance import cached_importance, compute_importance
+
+    kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
+                  gradient_checkpointing=args.gradient_checkpointing, taylor_2nd_variant=args.taylor_2nd_variant)
+    cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
+    if cache.lower() == "none":
+        return compute_importance(model, samples, args.importance_method, **kwargs)
+    key = {"dataset": args.dataset, "seed": args.seed}
+    return cached_importance(model, samples, args.importance_method, cache, key_fields=key, **kwargs)
+
+
+def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
+    """The whole pipeline of a pruning command; returns the exit code."""
+    from llama_pruning.data import get_calibration_samples
+    from llama_pruning.reconstruct import prune_with_reconstruction
+    from llama_pruning.recovery import recover
+
+    seed_everything(args.seed)
+    run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
+    log = run.log
+    args.run_path = run.path
+    try:
+        log(f"{title}: run folder {run.path}")
+        started = time.perf_counter()
+        model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device)
+        spec = model_spec(model)
+        log(f"loaded {args.base_model}: {spec.model_type}, {spec.num_layers} layers, {spec.num_heads} query / "
+            f"{spec.num_kv_heads} KV heads of {spec.head_dim}, MLP {spec.intermediate_size}, "
+            f"{count_params(model):,} parameters")
+        metrics: dict = {}
+        if args.test_before_prune:
+            metrics["wikitext2 PPL before pruning"] = _ppl(model, tokenizer, args)
+            log(f"PPL before pruning: {metrics['wikitext2 PPL before pruning']:.2f}")
+        needs_data = args.plan is None or args.reconstruct != "none"
+        samples = (get_calibration_samples(tokenizer, args.dataset, args.num_samples, args.seq_len, args.seed)
+                   if needs_data else None)
+        groups = layer_scores = None
+        if args.plan is not None:
+            plan = PruningPlan.load(args.plan)
+            log(f"replaying plan {args.plan} (made for {plan.base_model})")
+        else:
+            log(f"importance: {args.importance_method} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
+            table = importance_table(model, args, samples)
+            plan, groups, layer_scores = select(model, args, samples, table)
+        plan.metadata.update({"command": title, "importance_method": args.importance_method,
+                              "pruning_ratio": args.pruning_ratio, "reconstruct": args.reconstruct})
+        if args.reconstruct == "bias" and not plan.bias_compensation:
+            plan.bias_compensation = [True] * plan.num_layers
+        report = plan.param_report(model)
+        log(f"plan: {report['params_before']:,} -> {report['params_after']:,} parameters "
+            f"({1 - report['params_after'] / report['params_before']:.2%} removed); "
+            f"deleted layers: {report['removed_layers']}")
+        selected = time.perf_counter()
+        teacher = (lambda: load_model(args.base_model, dtype=args.dtype, device=args.device)[0]) if args.distill else None
+        if args.reconstruct == "none":
+            from llama_pruning.surgery import apply_plan
+
+            apply_plan(model, plan)
+        else:
+            log(f"cutting with {args.reconstruct} reconstruction (ridge {args.reconstruct_ridge})")
+            prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
+                                      batch_size=args.gradient_batch_size, device=args.device)
+        plan = model.pruning_plan
+        if count_params(model) != report["params_after"]:
+            raise RuntimeError(f"cut model has {count_params(model):,} parameters, the plan said {report['params_after']:,}")
+        metrics["pruning seconds"] = round(time.perf_counter() - started, 1)
+        metrics["cutting seconds"] = round(time.perf_counter() - selected, 1)
+        if args.test_after_prune and (args.finetune or args.distill):
+            metrics["wikitext2 PPL after pruning, before recovery"] = _ppl(model, tokenizer, args)
+            log(f"PPL after pruning, before recovery: {metrics['wikitext2 PPL after pruning, before recovery']:.2f}")
+        model = recover(model, tokenizer, args, run.path, teacher, log=log)
+        if args.test_after_prune:
+            key = "wikitext2 PPL after recovery" if (args.finetune or args.distill) else "wikitext2 PPL after pruning"
+            metrics[key] = _ppl(model, tokenizer, args)
+            log(f"{key}: {metrics[key]:.2f}")
+        _write_outputs(run, args, model, tokenizer, plan, report, spec, groups, layer_scores, metrics, title)
+        log(f"done in {time.perf_counter() - started:.0f} s: {run.path}")
+        return 0
+    except BaseException:
+        with open(run.log_dir / "training.log", "a") as handle:  # the full story goes to the log, not the console
+            traceback.print_exc(file=handle)
+        raise
+    finally:
+        run.close()
+
+
+def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,
+                   layer_scores, metrics: dict, title: str) -> None:
+    from llama_pruning.models.export import save_pruned_model
+
+    path = run.path
+    plan.save(path / PLAN_FILENAME)
+    if groups is not None:
+        groups.to_csv(path / "global_group_table.csv", index=False)
+    plot_pruning_strategy(plan, report, path / "pruning_strategy.png",
+                          f"{title}: {args.importance_method}, {1 - report['params_after'] / report['params_before']:.1%} "
+                          "of parameters removed", layer_scores)
+    layout = model.config.pruned_layout
+    write_description(path / "description.txt", args, report, spec, layout, metrics)
+    if args.save_model:
+        save_pruned_model(model, tokenizer, path, plan=plan, dtype=args.save_dtype)
+        run.log(f"model saved to {path} (load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))")
+

@@ -1,0 +1,37 @@
+"""`global_pruning.py` / `llama-pruning global`: one table of every unit, pruned cheapest-per-importance first."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import torch
+from torch import nn
+
+from llama_pruning.cli.common import add_common_arguments, run_pruning
+from llama_pruning.selection import NORMALIZATIONS, global_plan
+from llama_pruning.selection.global_knapsack import resolve_normalization
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, default_name="global_pruning")
+    p = parser.add_argument_group("global selection")
+    p.add_argument("--remove_empty_layers", action="store_true",
+                   help="let blocks empty: drop emptied blocks and delete layers with both emptied (depth pruning)")
+    p.add_argument("--layer_start", type=int, default=0, help="first layer considered for pruning")
+    p.add_argument("--layer_end", type=int, default=None, help="one past the last layer considered (default: all)")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
+                   help="per-layer score normalisation (auto: on for wanda/magnitude, off for taylor/random)")
+
+
+def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, table: pd.DataFrame) -> tuple:
+    plan, groups = global_plan(
+        model, table, args.pruning_ratio, remove_empty_layers=args.remove_empty_layers,
+        layer_start=args.layer_start, layer_end=args.layer_end,
+        normalization=resolve_normalization(args.normalization, args.importance_method), round_to=args.round_to,
+    )
+    return plan, groups, None
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_pruning(args, select, "global pruning")

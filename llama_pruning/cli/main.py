@@ -1,0 +1,47 @@
+"""`llama-pruning {global,layer,eval}`: one entry point; user errors print one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llama_pruning.cli import eval_cmd, global_cmd, layer_cmd
+
+COMMANDS = {
+    "global": (global_cmd, "global pruning: every unit in one table, importance/cost knapsack"),
+    "layer": (layer_cmd, "layer-wise pruning: per-layer ratios from layer importance"),
+    "eval": (eval_cmd, "parameters, MACs, speed and memory of a saved model next to its dense base"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one command (for the root scripts) or of all of them as sub-commands."""
+    if command is not None:
+        module, help_text = COMMANDS[command]
+        parser = argparse.ArgumentParser(description=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.run)
+        return parser
+    parser = argparse.ArgumentParser(prog="llama-pruning", description="GQA-aware structured pruning of Llama models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    args = build_parser(command).parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Global selection: every unit of every layer in one table, pruned cheapest-per-importance first.
+
+score = importance / cost (exact parameters the unit removes). Units are taken in ascending score
+order while they fit in the remaining parameter budget (greedy fractional knapsack), so the target is
+met to within one MLP channel and the attention/MLP balance falls out of the scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from llama_pruning.models.arch import ModelSpec, count_params, model_spec
+from llama_pruning.plan import PruningPlan
+
+NORMALIZATIONS = ("auto", "none", "layer")
+_AUTO_NORMALIZATION = {"taylor": "none", "taylor_2nd": "none", "random": "none", "wanda": "layer", "magnitude": "layer"}
+
+
+class SelectionError(ValueError):
+    """A pruning target that cannot be met with the given constraints."""
+
+
+def resolve_normalization(normalization: str, method: str) -> str:
+    """`auto` -> per-layer normalisation for activation/weight-scale methods (wanda, magnitude), none otherwise."""
+    if normalization not in NORMALIZATIONS:
+        raise SelectionError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    return _AUTO_NORMALIZATION.get(method, "none") if normalization == "auto" else normalization
+
+
+def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none") -> pd.DataFrame:
+    """Add `cost` (exact parameters) and `score` = importance / cost to an importance table.
+
+    `layer` normalisation divides a layer's importances by its mean importance per parameter, so every
+    layer has the same average score: Wanda's and magnitude's raw scales grow with depth and would
+    otherwise strip the first layers; the attention/MLP balance inside a layer is kept.
+    """
+    out = table.copy()
+    out["cost"] = np.where(out["group_type"] == "attn", spec.attn_group_cost(), spec.mlp_channel_cost())
+    importance = out["importance"].astype(float)
+    if normalization == "layer":
+        per_layer = out.assign(importance=importance).groupby("layer_idx")[["importance", "cost"]].transform("sum")
+        density = per_layer["importance"] / per_layer["cost"]
+        importance = importance / density.where(density > 0, 1.0)
+        out["importance_normalized"] = importance
+    out["score"] = importance / out["cost"]
+    return out
+
+
+def _block_overhead(spec: ModelSpec, group_type: str) -> int:
+    """Parameters freed on top of the units when a whole block empties (its norm and output bias)."""
+    bias = spec.o_bias if group_type == "attn" else spec.mlp_bias
+    return spec.hidden_size * (1 + bias)
+
+
+def global_plan(
+    model: nn.Module,
+    table: pd.DataFrame,
+    pruning_ratio: float,
+    *,
+    remove_empty_layers: bool = False,
+    layer_start: int = 0,
+    layer_end: int | None = None,
+    normalization: str = "none",
+    round_to: int = 1,
+) -> tuple[PruningPlan, pd.DataFrame]:
+    """Select units globally until `pruning_ratio` of the model's total parameters are removed.
+
+    Returns the plan and the group table (with `cost`, `score`, `pruned`). Without
+    `remove_empty_layers` every block keeps its best unit; with it blocks may empty and layers whose
+    two blocks empty are deleted. `round_to` keeps each MLP width a multiple of N.
+    """
+    spec = model_spec(model)
+    if not 0 <= pruning_ratio < 1:
+        raise SelectionError(f"--pruning_ratio must be in [0, 1), got {pruning_ratio}")
+    layer_end = spec.num_layers if layer_end is None else layer_end
+    if not 0 <= layer_start < layer_end <= spec.num_layers:
+        raise SelectionError(f"layer range [{layer_start}, {layer_end}) is not inside [0, {spec.num_layers}]")
+    if round_to < 1:
+        raise SelectionError(f"--round_to must be >= 1, got {round_to}")
+    groups = group_table(table, spec, normalization)
+    total = count_params(model)
+    budget = int(round(pruning_ratio * total))
+
+    in_range = groups["layer_idx"].between(layer_start, layer_end - 1)
+    candidates = groups[in_range]
+    if not remove_empty_layers:  # protect the best unit of every block
+        best = candidates.groupby(["layer_idx", "group_type"])["score"].idxmax()
+        candidates = candidates.drop(index=best.values)
+    order = candidates.sort_values(["score", "layer_idx", "group_type", "group_idx"], kind="stable")
+
+    block_size = {"attn": spec.num_kv_heads, "mlp": spec.intermediate_size}
+    left = {key: block_size[key[1]] for key in groups.groupby(["layer_idx", "group_type"]).groups}
+    pruned = np.zeros(len(groups), dtype=bool)
+    position = {label: pos for pos, label in enumerate(groups.index)}
+    removed = 0
+    rows = zip(order.index, order["layer_idx"], order["group_type"], order["cost"], strict=True)
+    for label, layer, kind, cost in rows:
+        extra = _block_overhead(spec, kind) if left[(layer, kind)] == 1 else 0
+        if removed + cost + extra > budget:
+            continue
+        removed += cost + extra
+        left[(layer, kind)] -= 1
+        pruned[position[label]] = True
+        if budget - removed < spec.mlp_channel_cost():
+            break
+    groups["pruned"] = pruned
+    if round_to > 1:
+        _round_mlp(groups, round_to, keep_one=not remove_empty_layers)
+
+    return plan_from_table(spec, str(model.config.name_or_path), groups), groups
+
+
+def plan_from_table(spec: ModelSpec, base_model: str, groups: pd.DataFrame) -> PruningPlan:
+    """The plan keeping every unit of `groups` whose `pruned` flag is False."""
+    plan = PruningPlan.dense(spec, base_model)
+    plan.attn_groups = [[] for _ in range(spec.num_layers)]
+    plan.mlp_channels = [[] for _ in range(spec.num_layers)]
+    kept = groups[~groups["pruned"]]
+    for (layer, kind), idx in kept.groupby(["layer_idx", "group_type"])["group_idx"]:
+        target = plan.attn_groups if kind == "attn" else plan.mlp_channels
+        target[int(layer)] = sorted(int(i) for i in idx)
+    return plan
+
+
+def _round_mlp(groups: pd.DataFrame, multiple: int, keep_one: bool) -> None:
+    """Re-decide each layer's MLP channels so the kept width is the nearest multiple of `multiple`."""
+    mlp = groups[groups["group_type"] == "mlp"]
+    for _, rows in mlp.groupby("layer_idx"):
+        width = int((~rows["pruned"]).sum())
+        rounded = int(round(width / multiple)) * multiple
+        if keep_one and rounded == 0:
+            rounded = multiple
+        rounded = min(rounded, len(rows))
+        keep = rows.sort_values("score", ascending=False, kind="stable").index[:rounded]
+        groups.loc[rows.index, "pruned"] = True
+        groups.loc[keep, "pruned"] = False
