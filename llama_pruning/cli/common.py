@@ -7,7 +7,9 @@ load -> calibration -> importance (cached) -> selection -> plan -> surgery (+ re
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import resource
 import time
 import traceback
 from collections.abc import Callable
@@ -206,8 +208,15 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
     plot_pruning_strategy(plan, report, path / "pruning_strategy.png",
                           f"{title}: {args.importance_method}, {1 - report['params_after'] / report['params_before']:.1%} "
                           "of parameters removed", layer_scores)
+    metrics["peak RSS MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if torch.cuda.is_available() and str(args.device).startswith("cuda"):
+        metrics["peak CUDA memory MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     layout = model.config.pruned_layout
     write_description(path / "description.txt", args, report, spec, layout, metrics)
+    summary = {"params_before": report["params_before"], "params_after": report["params_after"],
+               "layer_params_before": report["layer_params_before"], "layer_params_after": report["layer_params_after"],
+               "removed_layers": report["removed_layers"], **metrics}
+    (path / "metrics.json").write_text(json.dumps(summary, indent=1))
     if args.save_model:
         save_pruned_model(model, tokenizer, path, plan=plan, dtype=args.save_dtype)
         run.log(f"model saved to {path} (load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))")

@@ -99,7 +99,16 @@ def load_model(
     with a one-line message.
     """
     source = smollm2_hf_dir() if name_or_path == DEFAULT_MODEL else name_or_path
-    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"cannot load model {name_or_path!r} (not a local folder, and the hub said: {reason}); "
+            f"use an HF id, a local folder, or {DEFAULT_MODEL}"
+        ) from None
     check_supported(config)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code

@@ -25,7 +25,8 @@ class RunDir:
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"--save_ckpt_log_name must be a plain folder name, got {name!r}")
         self.path = Path(root) / name
-        if self.path.exists() and any(self.path.iterdir()):
+        # a folder holding only timestamped logs is a run that failed early: reusing its name is fine
+        if self.path.exists() and any(not (p.is_dir() and p.name[:8].isdigit()) for p in self.path.iterdir()):
             if not overwrite:
                 raise RunExistsError(
                     f"{self.path} already exists; choose another --save_ckpt_log_name or pass --overwrite"

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its results and commits them as a table."""

@@ -1,0 +1,161 @@
+"""Quality/speed sweep on the embedded SmolLM2-135M: one command reproduces docs/RESULTS.md.
+
+    python -m bench.quality                # full sweep (resumable: finished rows are kept)
+    python -m bench.quality --only taylor  # rows whose name contains 'taylor'
+    python -m bench.quality --quick        # smoke run: 2 rows, tiny calibration/evaluation (CI)
+
+Every row runs in its own subprocess (clean peak RSS) through the real command line; importance tables
+are cached across rows, so a method's importance is computed once per calibration set. Protocol:
+calibration 64 x 128 tokens of wiki.valid.tokens (seed 0); wikitext-2 PPL over the first 128 windows of
+128 tokens of wiki.test.raw; P20 / P30 = 20% / 30% of decoder-layer parameters (0.158 / 0.2369 of total).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = {"P20": 0.158, "P30": 0.2369}
+METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+
+
+def configurations() -> list[tuple[str, list[str]]]:
+    """(row name, CLI arguments) in priority order; `global`/`layer` is the first argument."""
+    rows = []
+    for point, ratio in RATIOS.items():
+        r = ["--pruning_ratio", str(ratio)]
+        rows.append((f"{point} global taylor lsq", ["global", *r, "--importance_method", "taylor", "--reconstruct", "lsq"]))
+        for method in METHODS:
+            rows.append((f"{point} global {method}", ["global", *r, "--importance_method", method, "--reconstruct", "none"]))
+        for method in ("taylor", "wanda"):
+            rows.append((f"{point} global {method} bias", ["global", *r, "--importance_method", method,
+                                                         "--reconstruct", "bias"]))
+            if method != "taylor":
+                rows.append((f"{point} global {method} lsq", ["global", *r, "--importance_method", method,
+                                                            "--reconstruct", "lsq"]))
+        for method in METHODS[:3]:
+            rows.append((f"{point} global {method} remove_empty", ["global", *r, "--importance_method", method,
+                                                                  "--reconstruct", "none", "--remove_empty_layers"]))
+        for dist, strategy in (("2:8", "inverse"), ("2:8", "uniform"), ("0:10", "inverse")):
+            rows.append((f"{point} layer {dist} {strategy}", ["layer", *r, "--pruning_distribution", dist,
+                                                             "--pruning_strategy", strategy, "--reconstruct", "none"]))
+    for n in (6, 9):
+        rows.append((f"depth remove_layers {n}", ["layer", "--pruning_ratio", "0", "--remove_layers", str(n),
+                                                   "--reconstruct", "none"]))
+    return rows
+
+
+def run_row(name: str, cli: list[str], args: argparse.Namespace, runs: Path) -> dict:
+    """Run one configuration in a subprocess and collect its metrics.json (+ speed of the saved model)."""
+    folder = name.replace(" ", "_").replace(":", "-")
+    cmd = [sys.executable, "-m", "llama_pruning.cli.main", *cli, "--output_root", str(runs),
+           "--save_ckpt_log_name", folder, "--overwrite", "--test_after_prune",
+           "--eval_max_windows", str(args.eval_windows), "--num_samples", str(args.num_samples),
+           "--seq_len", str(args.seq_len), "--importance_cache", str(runs / ".importance_cache"),
+           "--device", args.device]
+    if args.speed:
+        cmd.append("--save_model")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    metrics = json.loads((runs / folder / "metrics.json").read_text())
+    row = {"name": name, "args": " ".join(cli), "wall_seconds": round(seconds, 1), **metrics}
+    if args.speed:
+        row.update(speed_of(str(runs / folder), args))
+        for file in (runs / folder).glob("model*.safetensors"):
+            file.unlink()
+    return row
+
+
+def speed_of(source: str, args: argparse.Namespace) -> dict:
+    from llama_pruning.evaluation.speed import profile_in_subprocess
+
+    result = profile_in_subprocess(source, device=args.device, batch_size=1, prefill_len=128, decode_tokens=16, repeats=3)
+    return {"prefill_tokens_per_s": result["prefill_tokens_per_s"], "decode_tokens_per_s": result["decode_tokens_per_s"],
+            "linear_macs_per_token": result.get("linear_macs_per_token")}
+
+
+def dense_row(args: argparse.Namespace) -> dict:
+    """The unpruned model through the same evaluation (in a subprocess like every other row)."""
+    code = (
+        "import json, resource, sys\n"
+        "from llama_pruning.models import load_model\n"
+        "from llama_pruning.models.arch import count_params\n"
+        "from llama_pruning.evaluation import PPLMetric\n"
+        f"m, t = load_model('smollm2-135m', device='{args.device}')\n"
+        f"ppl = next(iter(PPLMetric(m, t, ['wikitext2'], 128, max_windows={args.eval_windows}).values()))\n"
+        "json.dump({'params_after': count_params(m), 'wikitext2 PPL after pruning': ppl,\n"
+        "           'peak RSS MiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, sys.stdout)\n"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dense failed:\n{proc.stderr[-3000:]}")
+    row = {"name": "dense", "args": "", "wall_seconds": round(time.perf_counter() - start, 1),
+           **json.loads(proc.stdout.strip().splitlines()[-1])}
+    row["params_before"] = row["params_after"]
+    if args.speed:
+        row.update(speed_of("smollm2-135m", args))
+    return row
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {row["name"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rows, 4 x 32 calibration, 2 windows")
+    parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    parser.add_argument("--rerun", action="store_true", help="recompute rows already in the results file")
+    parser.add_argument("--no_speed", dest="speed", action="store_false", help="skip the prefill/decode timing")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", type=Path, default=None, help="results file (default bench/results.jsonl)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("LLAMA_PRUNING_DATA", str(ROOT.parent / "shared" / "data"))
+    if args.quick:
+        args.num_samples, args.seq_len, args.eval_windows, args.speed = 4, 32, 2, False
+        results = args.results or Path(os.environ.get("TMPDIR", "/tmp")) / "llama_pruning_quick.jsonl"
+        rows = [r for r in configurations() if r[0] in ("P20 global taylor lsq", "P20 layer 2:8 inverse")]
+    else:
+        args.num_samples, args.seq_len, args.eval_windows = 64, 128, 128
+        results = args.results or ROOT / "bench" / "results.jsonl"
+        rows = configurations()
+    runs = results.parent / (results.stem + "_runs")
+    done = {} if args.rerun else load_rows(results)
+    todo = [("dense", None)] + rows
+    for name, cli in todo:
+        if args.only and args.only not in name:
+            continue
+        if name in done:
+            print(f"{name}: kept from {results}")
+            continue
+        row = dense_row(args) if cli is None else run_row(name, cli, args, runs)
+        with results.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(f"{name}: params {row['params_after']:,}  PPL {row.get('wikitext2 PPL after pruning', float('nan')):.2f}  "
+              f"{row['wall_seconds']:.0f} s  peak RSS {row['peak RSS MiB']:.0f} MiB", flush=True)
+    if args.quick:
+        shutil.rmtree(runs, ignore_errors=True)
+    else:
+        from bench.report import write_report
+
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}"
+        write_report(load_rows(results), ROOT / "docs", machine=machine)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
