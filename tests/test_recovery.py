@@ -313,6 +313,32 @@ def test_recover_follows_the_arguments(tmp_path):
     assert sum("step " in line for line in lines) == 4
 
 
+def test_recovery_command_trains_a_saved_pruned_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from llama_pruning.recovery.__main__ import main
+
+    dense = tiny_model()
+    dense_dir = save_pruned_model(dense, tiny_tokenizer(), tmp_path / "dense")
+    pruned = apply_plan(copy.deepcopy(dense), random_plan(dense))
+    pruned.pruning_plan.base_model = str(dense_dir)  # the teacher --distill loads by default
+    source = save_pruned_model(pruned, tiny_tokenizer(), tmp_path / "pruned")
+    data = instruction_file(tmp_path / "pairs.jsonl")
+    with pytest.raises(SystemExit):
+        main(["--model", str(source), "--output", str(tmp_path / "none")])
+    assert "nothing to do" in capsys.readouterr().err
+    assert main(["--model", str(source), "--output", str(tmp_path / "out"), "--distill", "--finetune_dataset",
+                 str(data), "--finetune_samples", "8", "--finetune_seq_len", "16", "--finetune_max_steps", "3",
+                 "--finetune_lr", "1e-2"]) == 0
+    assert "recovered model saved" in capsys.readouterr().out
+    out = tmp_path / "out"
+    assert (out / "finetune_loss.png").is_file() and (out / "pruning_plan.json").is_file()
+    before = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=True).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).state_dict()
+    assert before.keys() == after.keys() and all(before[k].shape == after[k].shape for k in before)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 # ------------------------------------------------------------------------------------------ data parallel
 DDP_STEPS, DDP_GLOBAL_BATCH = 4, 4
 
