@@ -24,32 +24,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"P20": 0.158, "P30": 0.2369}
-METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
 
 
 def configurations() -> list[tuple[str, list[str]]]:
-    """(row name, CLI arguments) in priority order; `global`/`layer` is the first argument."""
-    rows = []
-    for point, ratio in RATIOS.items():
-        r = ["--pruning_ratio", str(ratio)]
-        rows.append((f"{point} global taylor lsq", ["global", *r, "--importance_method", "taylor", "--reconstruct", "lsq"]))
-        for method in METHODS:
-            rows.append((f"{point} global {method}", ["global", *r, "--importance_method", method, "--reconstruct", "none"]))
-        for method in ("taylor", "wanda"):
-            rows.append((f"{point} global {method} bias", ["global", *r, "--importance_method", method,
-                                                         "--reconstruct", "bias"]))
-            if method != "taylor":
-                rows.append((f"{point} global {method} lsq", ["global", *r, "--importance_method", method,
-                                                            "--reconstruct", "lsq"]))
-        for method in METHODS[:3]:
-            rows.append((f"{point} global {method} remove_empty", ["global", *r, "--importance_method", method,
-                                                                  "--reconstruct", "none", "--remove_empty_layers"]))
-        for dist, strategy in (("2:8", "inverse"), ("2:8", "uniform"), ("0:10", "inverse")):
-            rows.append((f"{point} layer {dist} {strategy}", ["layer", *r, "--pruning_distribution", dist,
-                                                             "--pruning_strategy", strategy, "--reconstruct", "none"]))
-    for n in (6, 9):
-        rows.append((f"depth remove_layers {n}", ["layer", "--pruning_ratio", "0", "--remove_layers", str(n),
-                                                   "--reconstruct", "none"]))
+    """(row name, CLI arguments) in priority order (the sweep is resumable, so the first rows land first)."""
+    def global_row(point: str, method: str, reconstruct: str, *extra: str) -> tuple[str, list[str]]:
+        suffix = "" if reconstruct == "none" else f" {reconstruct}"
+        suffix += " remove_empty" if extra else ""
+        return (f"{point} global {method}{suffix}", ["global", "--pruning_ratio", str(RATIOS[point]),
+                                                      "--importance_method", method, "--reconstruct", reconstruct, *extra])
+
+    def layer_row(point: str, dist: str, strategy: str) -> tuple[str, list[str]]:
+        return (f"{point} layer {dist} {strategy}", ["layer", "--pruning_ratio", str(RATIOS[point]), "--pruning_distribution",
+                                                     dist, "--pruning_strategy", strategy, "--reconstruct", "none"])
+
+    rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
+    rows += [(f"depth remove_layers {n}", ["layer", "--pruning_ratio", "0", "--remove_layers", str(n), "--reconstruct", "none"])
+             for n in (6, 9)]
+    rows += [layer_row(p, d, s) for p in RATIOS for d, s in (("2:8", "inverse"), ("2:8", "uniform"), ("0:10", "inverse"))]
+    rows += [global_row(p, m, r) for m, r in (("wanda", "none"), ("wanda", "lsq"), ("taylor", "bias"), ("wanda", "bias"))
+             for p in RATIOS]
+    rows += [global_row(p, m, "none") for m in ("taylor_2nd", "magnitude", "random") for p in RATIOS]
+    rows += [global_row(p, m, "none", "--remove_empty_layers") for m in ("taylor", "wanda", "taylor_2nd") for p in RATIOS]
     return rows
 
 
@@ -153,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import write_report
 
         machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}"
-        write_report(load_rows(results), ROOT / "docs", machine=machine)
+        order = ["dense"] + [name for name, _ in configurations()]
+        rows = load_rows(results)
+        write_report({name: rows[name] for name in order if name in rows}, ROOT / "docs", machine=machine)
     return 0
 
 
