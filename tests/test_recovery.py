@@ -165,6 +165,18 @@ def test_same_seed_gives_identical_weights_and_checkpointing_changes_nothing():
         torch.testing.assert_close(sc[k], sa[k], rtol=0, atol=1e-6)
 
 
+def test_gradient_accumulation_matches_one_large_batch():
+    x = windows()
+    big, _ = finetune(pruned_tiny(), x, RecoveryConfig(lr=1e-2, max_steps=3, batch_size=4, lora_dropout=0.0),
+                      log=quiet)
+    accumulated = RecoveryConfig(lr=1e-2, max_steps=3, batch_size=2, lora_dropout=0.0,
+                                 extra_training_args={"gradient_accumulation_steps": 2})
+    small, _ = finetune(pruned_tiny(), x, accumulated, log=quiet)
+    sb, ss = big.state_dict(), small.state_dict()
+    for k in sb:
+        torch.testing.assert_close(ss[k], sb[k], rtol=0, atol=1e-5)
+
+
 def test_bf16_autocast_trains():
     model = pruned_tiny()
     x = windows()
