@@ -244,6 +244,8 @@ def test_full_finetuning_changes_exactly_the_trainable_parameters():
     assert {k: b for k, b in out.named_buffers()}.keys() == buffers.keys()
     assert all(torch.equal(b, buffers[k]) for k, b in out.named_buffers())
     assert not out.model.embed_tokens.weight.requires_grad and out.lm_head.weight.requires_grad
+    with pytest.raises(RecoveryError, match="every requires_grad is False"):
+        finetune(out.requires_grad_(False), windows(), RecoveryConfig(method="full", max_steps=1), log=quiet)
 
 
 # ------------------------------------------------------------------------------------------ distillation

@@ -158,10 +158,13 @@ def finetune(
     weights so the result is a plain model (no peft needed to save or load it); without `merge` the PEFT
     model is returned. `"full"` trains every parameter whose `requires_grad` is True (freeze some to keep
     them). With a `teacher` (the dense model), the loss is distillation (see RecoveryConfig). The
-    history holds one `{"step", "loss", "learning_rate"}` per optimizer step.
+    history holds one `{"step", "loss", "learning_rate"}` per optimizer step. `output_dir` is the Trainer's
+    (it only receives files when `config.extra_training_args` asks for checkpoints); default: a temporary one.
     """
     config = config or RecoveryConfig()
     config.validate()
+    if config.method == "full" and not any(p.requires_grad for p in model.parameters()):
+        raise RecoveryError("full fine-tuning needs trainable parameters, and every requires_grad is False")
     dataset = TokenDataset.from_windows(train_data) if isinstance(train_data, torch.Tensor) else train_data
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     use_cache = model.config.use_cache
@@ -172,8 +175,6 @@ def finetune(
         set_seed(config.seed)  # LoRA initialisation is random
         trained = attach_lora(model, config) if config.method == "lora" else model
         n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-        if n_train == 0:
-            raise RecoveryError("the model has no trainable parameter (every requires_grad is False)")
         if teacher is not None:
             teacher.eval()  # frozen: it runs under no_grad and is not in the optimizer
         trainer = RecoveryTrainer(
