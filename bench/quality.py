@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_speed", dest="speed", action="store_false", help="skip the prefill/decode timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=None, help="results file (default bench/results.jsonl)")
+    parser.add_argument("--report_only", action="store_true", help="only re-render docs/RESULTS.md from the results file")
     args = parser.parse_args(argv)
     os.environ.setdefault("LLAMA_PRUNING_DATA", str(ROOT.parent / "shared" / "data"))
     if args.quick:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = configurations()
     runs = results.parent / (results.stem + "_runs")
     done = {} if args.rerun else load_rows(results)
-    todo = [("dense", None)] + rows
+    todo = [] if args.report_only else [("dense", None)] + rows
     for name, cli in todo:
         if args.only and args.only not in name:
             continue
