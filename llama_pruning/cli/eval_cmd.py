@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode_tokens", type=int, default=32, help="greedy decode steps after the prompt")
     parser.add_argument("--context_len", type=int, default=None,
                         help="context length for the attention MACs per token (default: prefill_len)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median reported) after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the fastest is reported)")
     parser.add_argument("--in_process", action="store_true",
                         help="measure both models in this process (faster; peak memory then not separated)")
     parser.add_argument("--json", type=Path, default=None, help="write the full report to this JSON file")

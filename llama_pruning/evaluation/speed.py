@@ -4,9 +4,9 @@
 - MACs per token: multiply-accumulates of every nn.Linear, lm_head included; the attention products
   (Q·Kᵀ scores and the weighted sum of V) are reported apart, per token attending to `context_len` keys;
 - prefill tokens/s (one forward over `[batch_size, prefill_len]` random tokens, full logits) and decode
-  tokens/s (`decode_tokens` greedy steps on the KV cache after that prefill); median over `repeats` runs,
+  tokens/s (`decode_tokens` greedy steps on the KV cache after that prefill); fastest of `repeats` runs,
   after one warm-up run;
-- peak memory: process peak RSS on cpu, `torch.cuda.max_memory_allocated` on cuda.
+- peak memory: process peak RSS (VmHWM on Linux) on cpu, `torch.cuda.max_memory_allocated` on cuda.
 
 `compare` profiles each model in its own subprocess (`python -m llama_pruning.evaluation.speed`), so the
 peak memory of one is not inflated by the other.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,7 +101,10 @@ def measure_speed(
     repeats: int = 3,
     seed: int = 0,
 ) -> dict:
-    """Median prefill and decode throughput (tokens/s) over `repeats` timed runs after one warm-up run."""
+    """Prefill and decode throughput (tokens/s) of the fastest of `repeats` timed runs, after one warm-up run.
+
+    The fastest run is the one least disturbed by other load on the machine (timeit's reasoning).
+    """
     if min(batch_size, prefill_len, decode_tokens, repeats) < 1:
         raise ProfileError("batch_size, prefill_len, decode_tokens and repeats must all be at least 1")
     device = next(model.parameters()).device
@@ -125,7 +127,7 @@ def measure_speed(
             if run:  # run 0 warms up kernels and allocators
                 prefill_times.append(middle - start)
                 decode_times.append(end - middle)
-    prefill_s, decode_s = statistics.median(prefill_times), statistics.median(decode_times)
+    prefill_s, decode_s = min(prefill_times), min(decode_times)
     return {
         "prefill_s": prefill_s,
         "decode_s": decode_s,
@@ -134,14 +136,23 @@ def measure_speed(
     }
 
 
-def _peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process so far (None where the platform does not report it)."""
+def peak_rss_bytes() -> int | None:
+    """Peak resident set size of this process image (None where the platform does not report it).
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec; `ru_maxrss` would instead carry the
+    parent's peak into a child started by fork + exec. Elsewhere: `ru_maxrss`.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def load_for_profile(source: str, device: str, dtype: str) -> nn.Module:
@@ -168,7 +179,7 @@ def profile(
     device = device or default_device()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _peak_rss_bytes()
+    rss_before = peak_rss_bytes()
     model = load_for_profile(source, device, dtype)
     result = {"source": source, "device": device, "dtype": dtype}
     result.update(model_profile(model, context_len or prefill_len))
@@ -178,7 +189,7 @@ def profile(
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
         result["peak_memory_kind"] = "process peak RSS"
-        result["peak_memory_bytes"] = _peak_rss_bytes()
+        result["peak_memory_bytes"] = peak_rss_bytes()
         result["rss_before_load_bytes"] = rss_before
     return result
 
