@@ -31,7 +31,14 @@ from llama_pruning.importance.runtime import (
     micro_batches,
     nll_sum,
 )
-from llama_pruning.importance.units import GROUP_TYPES, UnitLinear, unit_counts, unit_linears, unit_sum
+from llama_pruning.importance.units import (
+    GROUP_TYPES,
+    UnitLinear,
+    unit_counts,
+    unit_linears,
+    unit_sum,
+    unit_sum_squares,
+)
 from llama_pruning.models.arch import ModelSpec, model_spec
 
 METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
@@ -46,6 +53,14 @@ def _zeros(spec: ModelSpec, device: torch.device) -> dict[Key, torch.Tensor]:
     counts = unit_counts(spec)
     return {(i, t): torch.zeros(counts[t], dtype=torch.float32, device=device)
             for i in range(spec.num_layers) for t in GROUP_TYPES}
+
+
+def _accumulate_square(buffers: dict, key: tuple, value: torch.Tensor) -> None:
+    """Add `value ** 2` into `buffers[key]` without a temporary once the buffer exists."""
+    if key in buffers:
+        buffers[key].addcmul_(value, value)
+    else:
+        buffers[key] = value * value
 
 
 def _accumulate(buffers: dict, key: tuple, value: torch.Tensor) -> None:
@@ -63,9 +78,10 @@ class TaylorAccumulator:
     1/N times those of its samples' own losses: per sample s, G_s = dy_s^T x_s = g_s / N. Then
     g = sum_s G_s and F = mean_s g_s^2 = N * sum_s G_s^2.
 
-    Linear quantities (signed first order, second-order term) are summed per unit as they arrive;
-    per-weight float32 buffers are kept only where a score is a non-linear function of the full sums:
-    g for |w g| (`taylor`, `mix`, `sum`), and sum_s G_s^2 for `mix` alone.
+    Memory: one float32 per-weight buffer holds g (as `.grad` would). The second-order term is linear
+    in the per-sample squares: `second` and `sum` add it up per unit as each sample arrives; only
+    `mix`, whose |w g - 0.5 w^2 F| needs F per weight, keeps a second per-weight buffer (sum_s G_s^2),
+    from which its per-unit second-order term is also read at the end.
     """
 
     def __init__(self, units: list[UnitLinear], spec: ModelSpec, num_samples: int, device: torch.device,
@@ -103,36 +119,39 @@ class TaylorAccumulator:
 
     @torch.no_grad()
     def _update(self, unit: UnitLinear, grad_weight: torch.Tensor, grad_bias: torch.Tensor) -> None:
+        """Fold one gradient (a sample's, or a micro-batch's for first order) into the accumulators."""
         key = (unit.layer_idx, unit.group_type)
         for kind, param, axis in unit.params():
             g = grad_weight if kind == "weight" else grad_bias
-            w = param.detach().float()
-            self.signed[key] -= unit_sum(w * g, axis, unit.n_units)
-            if self.per_sample:
-                sq = g * g
-                self.second[key] += (0.5 * self.num_samples) * unit_sum(w * w * sq, axis, unit.n_units)
-                if self.variant == "mix":
-                    _accumulate(self.sq, (unit.layer_idx, unit.name, kind), sq)
-            if self.variant != "second":
-                _accumulate(self.grad, (unit.layer_idx, unit.name, kind), g)
+            if self.variant == "mix":  # the per-unit second-order term is read from this buffer at the end
+                _accumulate_square(self.sq, (unit.layer_idx, unit.name, kind), g)
+            elif self.per_sample:
+                wg = param.detach().float() * g
+                self.second[key] += (0.5 * self.num_samples) * unit_sum_squares(wg, axis, unit.n_units)
+            _accumulate(self.grad, (unit.layer_idx, unit.name, kind), g)
 
     @torch.no_grad()
     def finish(self) -> Columns:
-        """Per-unit scores from the accumulated sums; frees each per-weight buffer once read."""
-        if self.variant == "second":
-            return {"importance": self.second, "signed_first_order": self.signed, "second_order": self.second}
+        """Per-unit scores from the accumulated sums; consumes each per-weight buffer in place."""
         for unit in self.units:
             key = (unit.layer_idx, unit.group_type)
             for kind, param, axis in unit.params():
                 w = param.detach().float()
-                wg = w * self.grad.pop((unit.layer_idx, unit.name, kind))
-                if self.variant == "mix":
-                    fisher = self.num_samples * self.sq.pop((unit.layer_idx, unit.name, kind))
-                    wg -= 0.5 * w * w * fisher
+                wg = self.grad.pop((unit.layer_idx, unit.name, kind)).mul_(w)
+                self.signed[key] -= unit_sum(wg, axis, unit.n_units)
+                if self.variant == "second":
+                    continue
+                if self.variant == "mix":  # w g - 0.5 w^2 F with F = N * sum_s G_s^2
+                    half_w2f = self.sq.pop((unit.layer_idx, unit.name, kind)).mul_(w).mul_(w)
+                    half_w2f.mul_(0.5 * self.num_samples)
+                    self.second[key] += unit_sum(half_w2f, axis, unit.n_units)
+                    wg.sub_(half_w2f)
                 self.importance[key] += unit_sum(wg.abs_(), axis, unit.n_units)
         if self.variant is None:
             return {"importance": self.importance, "signed_first_order": self.signed}
-        if self.variant == "sum":
+        if self.variant == "second":
+            self.importance = self.second
+        elif self.variant == "sum":
             for key, value in self.second.items():
                 self.importance[key] += value
         return {"importance": self.importance, "signed_first_order": self.signed, "second_order": self.second}
@@ -172,7 +191,7 @@ def _wanda(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: tor
     handles = [unit.linear.register_forward_hook(partial(record, i)) for i, unit in enumerate(units)]
     try:
         for ids in micro_batches(samples, batch_size, device, "wanda", progress):
-            model(input_ids=ids, use_cache=False)
+            model.get_decoder()(input_ids=ids, use_cache=False)  # the inputs of the layers only: no lm_head
     finally:
         for handle in handles:
             handle.remove()
@@ -193,7 +212,7 @@ def _magnitude(model: nn.Module, spec: ModelSpec) -> Columns:
     squares = _zeros(spec, next(model.parameters()).device)
     for unit in unit_linears(model, spec):
         for _kind, param, axis in unit.params():
-            squares[(unit.layer_idx, unit.group_type)] += unit_sum(param.detach().float().pow(2), axis, unit.n_units)
+            squares[(unit.layer_idx, unit.group_type)] += unit_sum_squares(param.detach().float(), axis, unit.n_units)
     return {"importance": {key: value.sqrt() for key, value in squares.items()}}
 
 

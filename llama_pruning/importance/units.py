@@ -46,6 +46,15 @@ def unit_sum(scores: torch.Tensor, axis: int, n_units: int) -> torch.Tensor:
     return scores.reshape(n_units, -1).sum(dim=1)
 
 
+def unit_sum_squares(scores: torch.Tensor, axis: int, n_units: int) -> torch.Tensor:
+    """`unit_sum(scores ** 2, ...)` through a fused norm reduction, without a squared copy of the tensor."""
+    if scores.dim() == 2:
+        sums = torch.linalg.vector_norm(scores, dim=1 - axis).square_()
+    else:
+        sums = scores.square()
+    return sums.reshape(n_units, -1).sum(dim=1)
+
+
 def unit_linears(model: nn.Module, spec: ModelSpec) -> list[UnitLinear]:
     """Every projection that carries pruning units, layer by layer, attention before MLP."""
     out = []
