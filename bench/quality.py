@@ -84,14 +84,15 @@ def speed_of(source: str, args: argparse.Namespace) -> dict:
 def dense_row(args: argparse.Namespace) -> dict:
     """The unpruned model through the same evaluation (in a subprocess like every other row)."""
     code = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
         "from llama_pruning.models import load_model\n"
         "from llama_pruning.models.arch import count_params\n"
         "from llama_pruning.evaluation import PPLMetric\n"
+        "from llama_pruning.evaluation.speed import peak_rss_bytes\n"
         f"m, t = load_model('smollm2-135m', device='{args.device}')\n"
         f"ppl = next(iter(PPLMetric(m, t, ['wikitext2'], 128, max_windows={args.eval_windows}).values()))\n"
         "json.dump({'params_after': count_params(m), 'wikitext2 PPL after pruning': ppl,\n"
-        "           'peak RSS MiB': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, sys.stdout)\n"
+        "           'peak RSS MiB': peak_rss_bytes() / 2**20}, sys.stdout)\n"
     )
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

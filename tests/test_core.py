@@ -252,3 +252,16 @@ def test_smollm2_random_plan_exact(smollm2):
     report = plan.param_report(smollm2[0])
     assert report["params_after"] == count_params(pruned)
     assert report["params_before"] == count_params(smollm2[0]) == 134_515_008
+
+
+def test_load_model_reads_saved_pruned_folder(tmp_path):
+    from llama_pruning.models import load_model
+
+    model = tiny_model(n_rep=2, kv_heads=3)
+    pruned = cut(model, random_plan(model, seed=2))
+    save_pruned_model(pruned, None, tmp_path)
+    again, tokenizer = load_model(str(tmp_path), device="cpu")  # our own auto_map code: no flag needed
+    assert tokenizer is None and type(again).__name__ == "PrunedLlamaForCausalLM"
+    x = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, pruned(x).logits)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import time
 import traceback
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from llama_pruning.evaluation.speed import peak_rss_bytes
 from llama_pruning.models.arch import count_params, model_spec
 from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_model
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
@@ -208,7 +208,7 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
     plot_pruning_strategy(plan, report, path / "pruning_strategy.png",
                           f"{title}: {args.importance_method}, {1 - report['params_after'] / report['params_before']:.1%} "
                           "of parameters removed", layer_scores)
-    metrics["peak RSS MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    metrics["peak RSS MiB"] = round((peak_rss_bytes() or 0) / 2**20, 1)
     if torch.cuda.is_available() and str(args.device).startswith("cuda"):
         metrics["peak CUDA memory MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     layout = model.config.pruned_layout

@@ -92,8 +92,11 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     trust_remote_code: bool = False,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load `(model, tokenizer)`; `smollm2-135m` is the embedded GGUF (offline), anything else goes to HF.
+
+    A saved folder without tokenizer files gives `tokenizer=None`. Folders written by llama-pruning
+    (their config names our modeling file in `auto_map`) load with their own code.
 
     The architecture is checked before any weight is read, so an unsupported model fails in a second
     with a one-line message.
@@ -110,10 +113,13 @@ def load_model(
             f"use an HF id, a local folder, or {DEFAULT_MODEL}"
         ) from None
     check_supported(config)
+    ours = "modeling_pruned." in str(getattr(config, "auto_map", {}).get("AutoModelForCausalLM", ""))
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code or ours
     )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    folder = Path(source)
+    has_tokenizer = not folder.is_dir() or any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
+    tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None
     model.config.name_or_path = name_or_path
     model.to(device or default_device())
     model.eval()
