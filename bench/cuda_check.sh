@@ -2,6 +2,7 @@
 # One prepared CUDA check of the whole pipeline plus a GPU timing, for a machine with a GPU and no internet.
 # It builds a random Llama-3-shaped model (GQA 4:1, 1.2B parameters, bf16) so no download is needed, then runs
 # global and layer-wise pruning on cuda (taylor + lsq, block influence), and `eval` (dense vs pruned speed).
+# SCALE=1 QUICK=1 runs a 0.3B model and only the first run plus eval.
 # Needs: DATA (folder with wikitext2/), TOK (a tokenizer folder, e.g. SmolLM2's), OUT (where results go).
 set -euo pipefail
 : "${DATA:?}" "${TOK:?}" "${OUT:?}"
@@ -10,8 +11,10 @@ python3 - <<'PY'
 import os, time, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 tok = AutoTokenizer.from_pretrained(os.environ["TOK"])
-config = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048)
+scale = int(os.environ.get("SCALE", "2"))  # 2: 1.2B parameters; 1: a quick 0.3B check
+config = LlamaConfig(vocab_size=len(tok), hidden_size=1024 * scale, intermediate_size=4096 * scale,
+                     num_hidden_layers=8 * scale, num_attention_heads=16 * scale, num_key_value_heads=4 * scale,
+                     head_dim=64, max_position_embeddings=2048)
 torch.manual_seed(0)
 with torch.device("cuda"):
     model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -24,9 +27,9 @@ COMMON=(--base_model /tmp/rand_llama --device cuda --dtype bfloat16 --num_sample
         --output_root /tmp/runs --test_before_prune --test_after_prune --eval_max_windows 32 --overwrite)
 run python3 global_pruning.py --save_ckpt_log_name g_taylor_lsq --pruning_ratio 0.2 --importance_method taylor \
     --reconstruct lsq --save_model --round_to 64 "${COMMON[@]}"
-run python3 global_pruning.py --save_ckpt_log_name g_taylor2 --pruning_ratio 0.2 --importance_method taylor_2nd \
+[ "${QUICK:-0}" = 1 ] || run python3 global_pruning.py --save_ckpt_log_name g_taylor2 --pruning_ratio 0.2 --importance_method taylor_2nd \
     --reconstruct none --remove_empty_layers "${COMMON[@]}"
-run python3 layer_pruning.py --save_ckpt_log_name l_28 --pruning_ratio 0.2 --importance_method wanda \
+[ "${QUICK:-0}" = 1 ] || run python3 layer_pruning.py --save_ckpt_log_name l_28 --pruning_ratio 0.2 --importance_method wanda \
     --reconstruct bias "${COMMON[@]}"
 python3 -m llama_pruning.cli.main eval /tmp/runs/g_taylor_lsq --base_model /tmp/rand_llama --device cuda \
     --dtype bfloat16 --batch_size 8 --prefill_len 512 --decode_tokens 64 --json "$OUT/eval.json"
