@@ -120,8 +120,9 @@ def per_sample_grads(model, samples: torch.Tensor) -> list[dict]:
     return out
 
 
-def test_taylor_and_taylor_2nd_match_hand_computation():
-    model = tiny_model(layers=2, bias=True, intermediate=16, seed=3)
+@pytest.mark.parametrize("family", [dict(model_type="llama"), dict(model_type="qwen2", n_rep=3, kv_heads=2)])
+def test_taylor_and_taylor_2nd_match_hand_computation(family):
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=3, **family)
     samples = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
     grads = per_sample_grads(model, samples)
     g = {k: torch.stack([s[k] for s in grads]).mean(0) for k in grads[0]}
@@ -152,8 +153,9 @@ def test_taylor_and_taylor_2nd_match_hand_computation():
                                rtol=1e-6)
 
 
-def test_wanda_matches_recorded_activations():
-    model = tiny_model(layers=2, bias=True, intermediate=16, seed=4)
+@pytest.mark.parametrize("family", [dict(model_type="llama"), dict(model_type="qwen2", n_rep=3, kv_heads=2)])
+def test_wanda_matches_recorded_activations(family):
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=4, **family)
     samples = torch.randint(0, 97, (6, 10), generator=torch.Generator().manual_seed(1))
     inputs = {}
     handles = [module.register_forward_hook(lambda m, i, o, name=name: inputs.__setitem__(name, i[0]))
