@@ -225,9 +225,9 @@ def _windows(tokenizer, path, n: int, length: int) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_smollm2_lsq_lowers_held_out_loss(smollm2, data_dir):
-    """Real model, 8 x 64 calibration tokens, ~20% random plan: lsq and bias beat plain cutting on unseen text.
+    """Real model, 8 x 64 calibration tokens, ~20% random plan: lsq beats plain cutting on unseen text.
 
-    512 tokens are few for 1230 kept MLP columns, hence a strong ridge (see docs/RECONSTRUCTION.md).
+    512 tokens are few for 1230 kept MLP columns, which the default ridge (0.1) tolerates (see docs/RECONSTRUCTION.md).
     """
     model, tokenizer = smollm2
     plan = random_plan(model, seed=0, remove_blocks=False)
@@ -238,8 +238,8 @@ def test_smollm2_lsq_lowers_held_out_loss(smollm2, data_dir):
     calib = _windows(tokenizer, data_dir / "wikitext2" / "wiki.valid.tokens", 8, 64)
     held_out = _windows(tokenizer, data_dir / "wikitext2" / "wiki.test.raw", 4, 64)
     losses = {}
-    for mode in ("none", "bias", "lsq"):
-        pruned = prune_with_reconstruction(copy.deepcopy(model), plan, calib, mode, ridge=0.1, progress=False)
+    for mode in ("none", "lsq"):
+        pruned = prune_with_reconstruction(copy.deepcopy(model), plan, calib, mode, progress=False)
         with torch.no_grad():
             losses[mode] = pruned(held_out, labels=held_out).loss.item()
-    assert losses["lsq"] < losses["bias"] < losses["none"]
+    assert losses["lsq"] < losses["none"] - 0.5
