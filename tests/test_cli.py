@@ -49,8 +49,13 @@ def test_global_end_to_end_and_replay(tmp_path, data_dir):
 def test_layer_end_to_end(tmp_path, data_dir):
     out = tmp_path / "runs"
     code = main(["layer", "--output_root", str(out), "--save_ckpt_log_name", "l", "--pruning_ratio", "0.1",
-                 "--pruning_distribution", "2:8", "--freeze_top_n_layers", "2", "--reconstruct", "bias", *FAST])
+                 "--pruning_distribution", "2:8", "--freeze_top_n_layers", "2", "--reconstruct", "bias",
+                 "--finetune", "--finetune_samples", "4", "--finetune_seq_len", "32", "--finetune_max_steps", "2",
+                 "--finetune_batch_size", "2", "--test_after_prune", "--eval_max_windows", "2", *FAST])
     assert code == 0
+    description = (out / "l" / "description.txt").read_text()
+    assert "PPL after pruning, before recovery" in description and "PPL after recovery" in description
+    assert (out / "l" / "finetune_loss.png").is_file()
     config = json.loads((out / "l" / "layer_importance_config.json").read_text())
     assert config["method"] == "block_influence" and len(config["layers"]) == 30
     assert sum(layer["frozen"] for layer in config["layers"]) == 2
