@@ -25,9 +25,6 @@ from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_mod
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
 from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
 
-IMPORTANCE_METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
-RECONSTRUCT_MODES = ("none", "bias", "lsq")
-
 # (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
 Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
 
@@ -49,8 +46,8 @@ def positive_int(text: str) -> int:
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
-    from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, TAYLOR_2ND_VARIANTS
-    from llama_pruning.reconstruct import DEFAULT_RIDGE
+    from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
+    from llama_pruning.reconstruct import DEFAULT_RIDGE, MODES
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
     p = parser.add_argument_group("model and run")
@@ -67,7 +64,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p = parser.add_argument_group("importance")
     p.add_argument("--pruning_ratio", type=ratio, default=0.2,
                    help="fraction of the model's TOTAL parameters (embeddings included) to remove")
-    p.add_argument("--importance_method", choices=IMPORTANCE_METHODS, default="taylor", help="unit importance metric")
+    p.add_argument("--importance_method", choices=METHODS, default="taylor", help="unit importance metric")
     p.add_argument("--taylor_2nd_variant", choices=TAYLOR_2ND_VARIANTS, default=DEFAULT_TAYLOR_2ND_VARIANT,
                    help="form of the second-order Taylor score (see docs/IMPORTANCE.md)")
     p.add_argument("--dataset", default="wikitext2",
@@ -80,7 +77,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                    help="importance cache folder (default: <output_root>/.importance_cache; 'none' disables)")
     p = parser.add_argument_group("cutting")
     p.add_argument("--round_to", type=positive_int, default=1, help="keep each MLP width a multiple of N (8/64 help GPUs)")
-    p.add_argument("--reconstruct", choices=RECONSTRUCT_MODES, default="lsq",
+    p.add_argument("--reconstruct", choices=MODES, default="lsq",
                    help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
     p.add_argument("--reconstruct_ridge", type=float, default=DEFAULT_RIDGE,
                    help="ridge strength of lsq, relative to the mean Gram diagonal, pulling toward the original weights")
