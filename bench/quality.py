@@ -16,11 +16,16 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from llama_pruning.importance import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"P20": 0.158, "P30": 0.2369}
@@ -45,7 +50,7 @@ def configurations() -> list[tuple[str, list[str]]]:
     rows += [global_row(p, m, r) for m, r in (("wanda", "none"), ("wanda", "lsq"), ("taylor", "bias"), ("wanda", "bias"))
              for p in RATIOS]
     rows += [global_row(p, m, "none") for m in ("taylor_2nd", "magnitude", "random") for p in RATIOS]
-    rows += [global_row(p, m, "none", "--remove_empty_layers") for m in ("taylor", "wanda", "taylor_2nd") for p in RATIOS]
+    rows += [global_row(p, m, "none", "--remove_empty_layers") for m in METHODS for p in RATIOS]
     return rows
 
 
@@ -115,7 +120,7 @@ def load_rows(path: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rows, 4 x 32 calibration, 2 windows")
-    parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
+    parser.add_argument("--only", default=None, help="run only rows whose name matches this regular expression")
     parser.add_argument("--rerun", action="store_true", help="recompute rows already in the results file")
     parser.add_argument("--no_speed", dest="speed", action="store_false", help="skip the prefill/decode timing")
     parser.add_argument("--device", default="cpu")
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {} if args.rerun else load_rows(results)
     todo = [] if args.report_only else [("dense", None)] + rows
     for name, cli in todo:
-        if args.only and args.only not in name:
+        if args.only and not re.search(args.only, name):
             continue
         if name in done:
             print(f"{name}: kept from {results}")
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.report import write_report
 
-        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, device {args.device}"
+        threads = torch.get_num_threads()
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {threads} torch thread(s), device {args.device}"
         order = ["dense"] + [name for name, _ in configurations()]
         rows = load_rows(results)
         write_report({name: rows[name] for name in order if name in rows}, ROOT / "docs", machine=machine)
