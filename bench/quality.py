@@ -44,6 +44,9 @@ def configurations() -> list[tuple[str, list[str]]]:
                                                      dist, "--pruning_strategy", strategy, "--reconstruct", "none"])
 
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
+    # the same with the solve on the 64 importance windows only (the default solve draws 256)
+    rows += [(f"{p} global taylor lsq 64-window solve", [*global_row(p, "taylor", "lsq")[1], "--reconstruct_samples", "64"])
+             for p in RATIOS]
     rows += [(f"depth remove_layers {n}", ["layer", "--pruning_ratio", "0", "--remove_layers", str(n), "--reconstruct", "none"])
              for n in (6, 9)]
     rows += [layer_row(p, d, s) for p in RATIOS for d, s in (("2:8", "inverse"), ("2:8", "uniform"), ("0:10", "inverse"))]
@@ -64,6 +67,8 @@ def run_row(name: str, cli: list[str], args: argparse.Namespace, runs: Path) -> 
            "--device", args.device]
     if args.speed:
         cmd.append("--save_model")
+    if args.quick:
+        cmd += ["--reconstruct_samples", str(args.num_samples)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start

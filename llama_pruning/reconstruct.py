@@ -27,6 +27,8 @@ from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_
 
 MODES = ("none", "bias", "lsq")
 DEFAULT_RIDGE = 0.1  # measured best on SmolLM2 (docs/RECONSTRUCTION.md)
+DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
+DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 
 
 class ReconstructionError(ValueError):
@@ -36,19 +38,33 @@ class ReconstructionError(ValueError):
 class InputStats:
     """Streaming statistics of a Linear's input rows: Gram X^T X, column sums and row count.
 
-    Used as a forward pre-hook, so activations are reduced batch by batch and never stored.
+    Used as a forward pre-hook, so activations are reduced batch by batch and never stored. With
+    `out_dim`, it also accumulates X^T D and the sums of D for a drift D (tokens x out_dim) handed to
+    `add_drift` after each forward: the gap between the dense model's residual stream and the pruned one's.
     """
 
-    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, out_dim: int | None = None):
         self.gram = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.sum = torch.zeros(dim, dtype=dtype, device=device)
         self.count = 0
+        self.cross = None if out_dim is None else torch.zeros(dim, out_dim, dtype=dtype, device=device)
+        self.drift_sum = None if out_dim is None else torch.zeros(out_dim, dtype=dtype, device=device)
+        self._last: torch.Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).to(self.gram.dtype)
         self.gram.addmm_(x.T, x)
         self.sum += x.sum(0)
         self.count += x.shape[0]
+        if self.cross is not None:
+            self._last = x
+
+    def add_drift(self, drift: torch.Tensor) -> None:
+        """Pair the drift of the last forward's tokens with that forward's inputs."""
+        d = drift.reshape(-1, drift.shape[-1]).to(self.gram.dtype)
+        self.cross.addmm_(self._last.T, d)
+        self.drift_sum += d.sum(0)
+        self._last = None
 
 
 @torch.no_grad()
@@ -59,14 +75,17 @@ def compensate(
     stats: InputStats,
     mode: str,
     ridge: float,
+    drift_weight: float = 0.0,
 ) -> None:
     """Re-fit a cut `linear` (weight = dense_weight[:, kept]) in place from its dense input statistics.
 
-    With X the dense input, K/R the kept/removed columns and Y = X W^T + b the dense output:
-    - `bias`: b' = b + mean(X_R) W_R^T, so the mean output over the calibration tokens is exact.
-    - `lsq`: W' = argmin ||X_K W'^T + b' - Y||^2 + lam ||W' - W_K||^2, with lam = ridge * mean(diag(X_K^T X_K)),
-      i.e. W'^T = W_K^T + (G_KK + lam I)^-1 G_KR W_R^T; when the linear has a bias it is fitted jointly
-      (unpenalised), which replaces G by the centred Gram G - n mu mu^T.
+    With X the dense input, K/R the kept/removed columns, Y = X W^T + b the dense output and the target
+    T = Y + a D (D: the drift in `stats`, a = `drift_weight`; a = 0 reproduces this block's dense output,
+    a = 1 the dense model's residual stream, undoing the error accumulated upstream as well):
+    - `bias`: b' = b + mean(X_R) W_R^T + a mean(D), so the mean output over the calibration tokens is exact.
+    - `lsq`: W' = argmin ||X_K W'^T + b' - T||^2 + lam ||W' - W_K||^2, with lam = ridge * mean(diag(X_K^T X_K)),
+      i.e. W'^T = W_K^T + (G_KK + lam I)^-1 (G_KR W_R^T + a X_K^T D); when the linear has a bias it is fitted
+      jointly (unpenalised), which centres G and X^T D (G - n mu mu^T).
     Solved in the dtype of `stats`; the result is cast back to the linear's dtype.
     """
     dtype = stats.gram.dtype
@@ -78,6 +97,7 @@ def compensate(
     removed = removed_mask.nonzero().squeeze(1)
     w_removed_t = dense_weight[:, removed].to(dtype).T
     mean = stats.sum / stats.count
+    drift = drift_weight != 0 and stats.cross is not None
     delta = None
     if mode == "lsq":
         gram = stats.gram - stats.count * torch.outer(mean, mean) if has_bias else stats.gram
@@ -87,12 +107,20 @@ def compensate(
         chol, info = torch.linalg.cholesky_ex(g_kk)
         if info.item() != 0:
             raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
-        delta = torch.cholesky_solve(gram[kept][:, removed] @ w_removed_t, chol)  # (kept, out)
+        rhs = gram[kept][:, removed] @ w_removed_t
+        if drift:
+            cross = stats.cross[kept]
+            if has_bias:
+                cross = cross - torch.outer(mean[kept], stats.drift_sum)
+            rhs += drift_weight * cross
+        delta = torch.cholesky_solve(rhs, chol)  # (kept, out)
         linear.weight.add_((delta.T).to(linear.weight.dtype))
     if has_bias:
         shift = mean[removed] @ w_removed_t
         if delta is not None:
             shift -= mean[kept] @ delta
+        if drift:
+            shift += drift_weight * stats.drift_sum / stats.count
         linear.bias.add_(shift.to(linear.bias.dtype))
 
 
@@ -153,6 +181,23 @@ def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Ten
     return hidden + mlp(norm(hidden))
 
 
+def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
+              dense_hidden: list[torch.Tensor] | None) -> None:
+    """Run the dense `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
+    with a dense stream, advance it through the same block too and record the drift between the two outputs."""
+    for b, x in enumerate(hidden):
+        if stats is not None:
+            handle = module.register_forward_pre_hook(stats)
+            try:
+                out = block(x, b)
+            finally:
+                handle.remove()
+        if dense_hidden is not None:
+            dense_hidden[b] = block(dense_hidden[b], b)
+            if stats is not None:
+                stats.add_drift(dense_hidden[b] - out)
+
+
 def _reconstruct_layer(
     layer: nn.Module,
     plan: PruningPlan,
@@ -162,46 +207,48 @@ def _reconstruct_layer(
     mode: str,
     ridge: float,
     solve_dtype: torch.dtype,
+    dense_hidden: list[torch.Tensor] | None = None,
+    drift_weight: float = 0.0,
 ) -> None:
-    """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place."""
+    """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place.
+
+    With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
+    is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream.
+    """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
     mlp_cut = 0 < len(plan.mlp_channels[index]) < spec.intermediate_size
     device = hidden[0].device
-    attn_norm = layer.input_layernorm
-    dense_o = layer.self_attn.o_proj.weight if attn_cut else None
-    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut else None
-    mlp_norm = layer.post_attention_layernorm
+    width = spec.hidden_size if dense_hidden is not None else None
 
-    if attn_cut:  # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
-        o_stats = InputStats(dense_o.shape[1], solve_dtype, device)
-        handle = layer.self_attn.o_proj.register_forward_pre_hook(o_stats)
-        try:
-            for x, kw in zip(hidden, kwargs, strict=True):
-                _run_attention(layer, attn_norm, x, kw)
-        finally:
-            handle.remove()
+    def attention(x: torch.Tensor, b: int) -> torch.Tensor:
+        return _run_attention(layer, layer.input_layernorm, x, kwargs[b])
+
+    # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
+    o_stats = InputStats(spec.num_heads * spec.head_dim, solve_dtype, device, width) if attn_cut else None
+    dense_o = layer.self_attn.o_proj.weight if attn_cut else None
+    _fit_pass(attention, layer.self_attn.o_proj, o_stats, hidden, dense_hidden)
+    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut or dense_hidden is not None else None
+    dense_norm = copy.deepcopy(layer.post_attention_layernorm)
     prune_layer(layer, plan, index)
     if attn_cut:
-        compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge)
-    for b, (x, kw) in enumerate(zip(hidden, kwargs, strict=True)):
-        hidden[b] = _run_attention(layer, layer.input_layernorm, x, kw)
+        compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge,
+                   drift_weight)
+    for b, x in enumerate(hidden):
+        hidden[b] = _run_attention(layer, layer.input_layernorm, x, kwargs[b])
 
-    if mlp_cut:  # the dense MLP's down_proj input, on the residual stream after the *pruned* attention
-        m_stats = InputStats(spec.intermediate_size, solve_dtype, device)
-        handle = dense_mlp.down_proj.register_forward_pre_hook(m_stats)
-        try:
-            for x in hidden:
-                dense_mlp(mlp_norm(x))
-        finally:
-            handle.remove()
+    # the dense MLP's down_proj input, on the residual stream after the *pruned* attention
+    m_stats = InputStats(spec.intermediate_size, solve_dtype, device, width) if mlp_cut else None
+    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp and dense_mlp.down_proj, m_stats,
+              hidden, dense_hidden)
+    if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
-        compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge)
+        compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight)
     for b, x in enumerate(hidden):
         hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
 
 
-def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int) -> None:
+def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -215,6 +262,8 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int)
         raise ReconstructionError(f"ridge must be >= 0, got {ridge}")
     if batch_size < 1:
         raise ReconstructionError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= drift_weight <= 1:
+        raise ReconstructionError(f"drift_weight must be in [0, 1], got {drift_weight}")
 
 
 def prune_with_reconstruction(
@@ -227,6 +276,7 @@ def prune_with_reconstruction(
     device: str | torch.device | None = None,
     solve_dtype: torch.dtype = torch.float64,
     progress: bool = True,
+    drift_weight: float = DEFAULT_DRIFT,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -236,9 +286,11 @@ def prune_with_reconstruction(
     `bias_compensation` flags, a copy flagging every layer is applied. The plan actually applied is
     `model.pruning_plan`, and the result has exactly the structure `apply_plan` gives it.
     `device`: where layers run while processed (each one is moved there and back); default: the model's.
-    Grams are accumulated and solved in `solve_dtype`.
+    Grams are accumulated and solved in `solve_dtype`. `drift_weight` > 0 also runs the dense model alongside
+    and fits each block to cancel that fraction of the accumulated gap to the dense residual stream (0: each
+    block only imitates its dense self on its current input).
     """
-    _check_args(samples, mode, ridge, batch_size)
+    _check_args(samples, mode, ridge, batch_size, drift_weight)
     if mode == "none":
         return apply_plan(model, plan)
     check_plan(model, plan)
@@ -252,10 +304,12 @@ def prune_with_reconstruction(
         with torch.no_grad():
             inputs, kwargs = capture_layer_inputs(model, samples, batch_size)
             hidden = send_to_device(inputs, device)
+            dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
             for i in tqdm(range(len(layers)), desc=f"reconstruct ({mode})", disable=not progress):
                 layer = layers[i].to(device)
-                _reconstruct_layer(layer, plan, i, hidden, send_to_device(kwargs[i], device), mode, ridge, solve_dtype)
+                _reconstruct_layer(layer, plan, i, hidden, send_to_device(kwargs[i], device), mode, ridge, solve_dtype,
+                                   dense_hidden, drift_weight)
                 layers[i] = layer.to(home)
     finally:
         model.train(was_training)

@@ -50,10 +50,13 @@ def test_layer_end_to_end(tmp_path, data_dir):
     out = tmp_path / "runs"
     code = main(["layer", "--output_root", str(out), "--save_ckpt_log_name", "l", "--pruning_ratio", "0.1",
                  "--pruning_distribution", "2:8", "--freeze_top_n_layers", "2", "--reconstruct", "bias",
-                 "--finetune", "--finetune_samples", "4", "--finetune_seq_len", "32", "--finetune_max_steps", "2",
+                 "--reconstruct_samples", "6", "--reconstruct_drift", "0.25", "--finetune", "--finetune_samples", "4",
+                 "--finetune_seq_len", "32", "--finetune_max_steps", "2",
                  "--finetune_batch_size", "2", "--test_after_prune", "--eval_max_windows", "2", *FAST])
     assert code == 0
     description = (out / "l" / "description.txt").read_text()
+    log = next((out / "l").glob("2*/training.log")).read_text()
+    assert "bias reconstruction on 6 x 32 tokens (ridge 0.1, drift 0.25)" in log
     assert "PPL after pruning, before recovery" in description and "PPL after recovery" in description
     assert (out / "l" / "finetune_loss.png").is_file()
     config = json.loads((out / "l" / "layer_importance_config.json").read_text())
@@ -71,12 +74,23 @@ def test_existing_run_name_is_refused(tmp_path):
     assert (tmp_path / "runs" / "taken" / "description.txt").read_text() == "earlier run"
 
 
+def test_distributed_launch_is_refused(tmp_path, monkeypatch):
+    """Under torchrun/accelerate every rank would prune into the same folder: one clear line instead."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    proc = run_cli("global_pruning.py", "--output_root", str(tmp_path))
+    assert proc.returncode == 2 and "WORLD_SIZE=2" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv,message", [
     (["global_pruning.py", "--base_model", "/no/such/model"], "error:"),
     (["layer_pruning.py", "--remove_empty_layers"], "--remove_layers"),
     (["layer_pruning.py", "--pruning_distribution", "2-8"], "A:M"),
     (["global_pruning.py", "--pruning_ratio", "1.5"], "must be in [0, 1)"),
     (["global_pruning.py", "--importance_method", "tayler"], "invalid choice"),
+    (["global_pruning.py", "--reconstruct_drift", "2"], "must be in [0, 1]"),
+    (["layer_pruning.py", "--reconstruct_ridge", "-0.1"], "must be >= 0"),
+    (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))
@@ -89,7 +103,8 @@ def test_help_lists_every_flag():
         "global": ["--base_model", "--save_ckpt_log_name", "--pruning_ratio", "--importance_method", "--num_samples",
                    "--seq_len", "--gradient_batch_size", "--dataset", "--remove_empty_layers", "--test_before_prune",
                    "--test_after_prune", "--save_model", "--device", "--seed", "--plan", "--save_dtype", "--round_to",
-                   "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--finetune", "--distill"],
+                   "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
+                   "--reconstruct_drift", "--reconstruct_samples", "--finetune", "--distill"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

@@ -28,9 +28,11 @@ def _ids(n: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _stats(x: torch.Tensor) -> InputStats:
-    stats = InputStats(x.shape[1], F64, x.device)
+def _stats(x: torch.Tensor, drift: torch.Tensor | None = None) -> InputStats:
+    stats = InputStats(x.shape[1], F64, x.device, None if drift is None else drift.shape[1])
     stats(None, (x,))
+    if drift is not None:
+        stats.add_drift(drift)
     return stats
 
 
@@ -43,19 +45,22 @@ def _cut_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     return linear
 
 
+@pytest.mark.parametrize("drift_weight", [0.0, 0.7])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lsq_matches_explicit_ridge_solution(with_bias):
-    """compensate() == argmin ||X_K W'^T + b' - X W^T - b||^2 + lam ||W' - W_K||^2, lam = ridge * mean diag(X_K^T X_K)."""
+def test_lsq_matches_explicit_ridge_solution(with_bias, drift_weight):
+    """compensate() == argmin ||X_K W'^T + b' - T||^2 + lam ||W' - W_K||^2, lam = ridge * mean diag(X_K^T X_K),
+    T = X W^T + b + a D for a drift D of weight a."""
     g = torch.Generator().manual_seed(0)
     n, d_in, d_out, ridge = 200, 12, 5, 0.05
     x = torch.randn(n, d_in, generator=g, dtype=F64) + 0.5
     w = torch.randn(d_out, d_in, generator=g, dtype=F64)
     b = torch.randn(d_out, generator=g, dtype=F64) if with_bias else None
+    drift = torch.randn(n, d_out, generator=g, dtype=F64) + x[:, :d_out] + 0.3
     kept = torch.tensor([0, 2, 3, 7, 8, 11])
     linear = _cut_linear(w, b, kept)
-    compensate(linear, w, kept, _stats(x), "lsq", ridge)
+    compensate(linear, w, kept, _stats(x, drift), "lsq", ridge, drift_weight)
 
-    y = x @ w.T + (b if with_bias else 0)
+    y = x @ w.T + (b if with_bias else 0) + drift_weight * drift
     xk = x[:, kept]
     lam = ridge * (xk * xk).sum(0).mean()
     design = torch.cat([xk, torch.ones(n, 1, dtype=F64)], 1) if with_bias else xk
@@ -81,11 +86,12 @@ def test_compensate_keeping_every_column_is_identity(mode):
     torch.testing.assert_close(linear.bias, b, rtol=0, atol=1e-12)
 
 
-def test_lsq_with_a_plan_that_prunes_nothing_leaves_weights_unchanged():
+@pytest.mark.parametrize("drift_weight", [0.0, 1.0])
+def test_lsq_with_a_plan_that_prunes_nothing_leaves_weights_unchanged(drift_weight):
     model = tiny_model(dtype=F64)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     plan = PruningPlan.dense(model_spec(model), "tiny")
-    out = prune_with_reconstruction(model, plan, _ids(4, 16, 0), "lsq", progress=False)
+    out = prune_with_reconstruction(model, plan, _ids(4, 16, 0), "lsq", progress=False, drift_weight=drift_weight)
     state = out.state_dict()
     assert state.keys() == dense.keys()
     for key, value in dense.items():
@@ -131,8 +137,8 @@ def test_reconstruction_lowers_block_error_on_held_out_tokens():
     plan = _partial_plan(dense, seed=3)
     calib, held_out = _ids(48, 32, seed=0), _ids(16, 32, seed=1)
     errors = {}
-    for mode in ("none", "bias", "lsq"):
-        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False)
+    for mode in ("none", "bias", "lsq"):  # drift 0: the objective is exactly this block error
+        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False, drift_weight=0.0)
         errors[mode] = sum((p - d).pow(2).sum().item() for p, d in _block_io(dense, pruned, held_out))
     assert errors["bias"] < errors["none"]
     assert errors["lsq"] < errors["bias"]
@@ -145,9 +151,44 @@ def test_bias_preserves_block_output_mean_on_calibration_tokens(mode):
     plan = _partial_plan(dense, seed=4)
     plan.bias_compensation = [True] * plan.num_layers
     calib = _ids(10, 24, seed=2)
-    pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, batch_size=3, progress=False)
+    pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, batch_size=3, progress=False,
+                                       drift_weight=0.0)
     for p, d in _block_io(dense, pruned, calib):
         torch.testing.assert_close(p.mean((0, 1)), d.mean((0, 1)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def test_full_drift_preserves_the_dense_stream_mean(mode):
+    """With drift weight 1 and biases, every layer's output has the dense model's mean over the calibration tokens
+    (each block's bias absorbs the mean gap accumulated upstream, not just its own)."""
+    dense = tiny_model(dtype=F64, model_type="qwen2", bias=True, layers=3)
+    plan = _partial_plan(dense, seed=4)
+    plan.bias_compensation = [True] * plan.num_layers
+    calib = _ids(10, 24, seed=2)
+    pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, batch_size=3, progress=False,
+                                       drift_weight=1.0)
+    with torch.no_grad():
+        ours = pruned(calib, output_hidden_states=True).hidden_states
+        theirs = dense(calib, output_hidden_states=True).hidden_states
+    for p, d in zip(ours[1:-1], theirs[1:-1], strict=True):  # the last entry is after the final norm
+        torch.testing.assert_close(p.mean((0, 1)), d.mean((0, 1)), rtol=0, atol=1e-10)
+        assert not torch.allclose(p, d)
+
+
+def test_drift_lowers_the_final_stream_error_on_held_out_tokens():
+    """Fitting toward the dense stream (drift 1) ends closer to the dense model's last hidden state than local fits."""
+    dense = tiny_model(dtype=F64, layers=3)
+    plan = _partial_plan(dense, seed=3)
+    calib, held_out = _ids(48, 32, seed=0), _ids(16, 32, seed=1)
+    with torch.no_grad():
+        target = dense(held_out, output_hidden_states=True).hidden_states[-1]
+    errors = []
+    for drift_weight in (0.0, 1.0):
+        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "lsq", progress=False,
+                                           drift_weight=drift_weight)
+        with torch.no_grad():
+            errors.append((pruned(held_out, output_hidden_states=True).hidden_states[-1] - target).pow(2).sum().item())
+    assert errors[1] < errors[0]
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq"])
@@ -199,6 +240,7 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite():
         ({"samples": torch.zeros(4, dtype=torch.long)}, "samples must be"),
         ({"samples": torch.zeros(2, 4)}, "token ids"),
         ({"batch_size": 0}, "batch_size"),
+        ({"drift_weight": 1.5}, "drift_weight must be in"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):

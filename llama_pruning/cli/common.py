@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 import traceback
@@ -37,6 +38,22 @@ def ratio(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type for a weight in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type for a float >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -47,7 +64,7 @@ def positive_int(text: str) -> int:
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
     from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
-    from llama_pruning.reconstruct import DEFAULT_RIDGE, MODES
+    from llama_pruning.reconstruct import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
     p = parser.add_argument_group("model and run")
@@ -79,8 +96,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--round_to", type=positive_int, default=1, help="keep each MLP width a multiple of N (8/64 help GPUs)")
     p.add_argument("--reconstruct", choices=MODES, default="lsq",
                    help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
-    p.add_argument("--reconstruct_ridge", type=float, default=DEFAULT_RIDGE,
+    p.add_argument("--reconstruct_ridge", type=non_negative, default=DEFAULT_RIDGE,
                    help="ridge strength of lsq, relative to the mean Gram diagonal, pulling toward the original weights")
+    p.add_argument("--reconstruct_drift", type=fraction, default=DEFAULT_DRIFT,
+                   help="fraction (0-1) of the drift from the dense model's stream each block is also fitted to cancel")
+    p.add_argument("--reconstruct_samples", type=positive_int, default=None,
+                   help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
+                        "and --num_samples)")
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
@@ -122,9 +144,14 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
 def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
-    from llama_pruning.reconstruct import prune_with_reconstruction
+    from llama_pruning.reconstruct import DEFAULT_SAMPLES, prune_with_reconstruction
     from llama_pruning.recovery import recover
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # every rank would prune and write the same run folder
+        raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
+                         "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
+                         "(docs/RECOVERY.md)")
     seed_everything(args.seed)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
     log = run.log
@@ -141,9 +168,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
         if args.test_before_prune:
             metrics["wikitext2 PPL before pruning"] = _ppl(model, tokenizer, args)
             log(f"PPL before pruning: {metrics['wikitext2 PPL before pruning']:.2f}")
-        needs_data = args.plan is None or args.reconstruct != "none"
         samples = (get_calibration_samples(tokenizer, args.dataset, args.num_samples, args.seq_len, args.seed)
-                   if needs_data else None)
+                   if args.plan is None else None)
         groups = layer_scores = None
         if args.plan is not None:
             plan = PruningPlan.load(args.plan)
@@ -167,9 +193,14 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
 
             apply_plan(model, plan)
         else:
-            log(f"cutting with {args.reconstruct} reconstruction (ridge {args.reconstruct_ridge})")
+            count = args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples)
+            if samples is None or count != len(samples):
+                samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
+            log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
+                f"(ridge {args.reconstruct_ridge}, drift {args.reconstruct_drift})")
             prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
-                                      batch_size=args.gradient_batch_size, device=args.device)
+                                      batch_size=args.gradient_batch_size, device=args.device,
+                                      drift_weight=args.reconstruct_drift)
         plan = model.pruning_plan
         if count_params(model) != report["params_after"]:
             raise RuntimeError(f"cut model has {count_params(model):,} parameters, the plan said {report['params_after']:,}")
