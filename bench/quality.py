@@ -75,7 +75,8 @@ def run_row(name: str, cli: list[str], args: argparse.Namespace, runs: Path) -> 
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     metrics = json.loads((runs / folder / "metrics.json").read_text())
-    row = {"name": name, "args": " ".join(cli), "wall_seconds": round(seconds, 1), **metrics}
+    row = {"name": name, "args": " ".join(cli), "wall_seconds": round(seconds, 1), "torch threads": torch.get_num_threads(),
+           **metrics}
     if args.speed:
         row.update(speed_of(str(runs / folder), args))
         for file in (runs / folder).glob("model*.safetensors"):
@@ -111,6 +112,7 @@ def dense_row(args: argparse.Namespace) -> dict:
     row = {"name": "dense", "args": "", "wall_seconds": round(time.perf_counter() - start, 1),
            **json.loads(proc.stdout.strip().splitlines()[-1])}
     row["params_before"] = row["params_after"]
+    row["torch threads"] = torch.get_num_threads()
     if args.speed:
         row.update(speed_of("smollm2-135m", args))
     return row
@@ -160,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.report import write_report
 
-        threads = torch.get_num_threads()
-        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {threads} torch thread(s), device {args.device}"
         order = ["dense"] + [name for name, _ in configurations()]
         rows = load_rows(results)
+        # rows from before the thread count was recorded ran with this process's setting (OMP_NUM_THREADS)
+        threads = sorted({row.get("torch threads", torch.get_num_threads()) for row in rows.values()})
+        machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {'/'.join(map(str, threads))} torch thread(s), "
+                   f"device {args.device}")
         write_report({name: rows[name] for name in order if name in rows}, ROOT / "docs", machine=machine)
     return 0
 

@@ -53,10 +53,11 @@ def write_report(rows: dict[str, dict], docs: Path, machine: str) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        removed = 1 - row.get("layer_params_after", DENSE_LAYER_PARAMS) / DENSE_LAYER_PARAMS
+        layer_params = DENSE_LAYER_PARAMS if name == "dense" else row.get("layer_params_after")
+        removed = None if layer_params is None else 1 - layer_params / DENSE_LAYER_PARAMS
         prefill = row.get("prefill_tokens_per_s")
         ratio = prefill / dense_prefill if prefill and dense_prefill else None
-        lines.append(f"| {name} | {row['params_after']:,} | {removed:.1%} | {_fmt(row.get(PPL), '.2f')} | "
+        lines.append(f"| {name} | {row['params_after']:,} | {_fmt(removed, '.1%')} | {_fmt(row.get(PPL), '.2f')} | "
                      f"{_fmt(row.get('wall_seconds'), '.0f')} | {_fmt(row.get('peak RSS MiB'), '.0f')} | {_fmt(ratio, '.2f')} |")
     lines += ["", "## External reference rows (not run here)", "",
               "Measured by the issue authors on this model with the same calibration and evaluation protocol, using",
@@ -68,19 +69,54 @@ def write_report(rows: dict[str, dict], docs: Path, machine: str) -> None:
     _plot(rows, docs / "results_p20.png")
 
 
+# best external reference rows at each operating point (quoted from EXTERNAL; plotted for comparison)
+REFERENCES = {"LLM-Pruner el. Taylor 2nd (ref.)": {"P20": 83.8},
+              "LLM-Pruner el. Taylor 1st (ref.)": {"P20": 86.8, "P30": 362.9},
+              "ShortGPT 6 / 9 layers (ref.)": {"P20": 122.4, "P30": 202.0}}
+PLOT_CEILING = 2000.0  # rows above this PPL are listed as off scale instead of squashing the useful range
+
+
+def _family(name: str) -> tuple[str, str]:
+    """('P20' | 'P30', method family) of a row name; depth rows map 6 layers to P20 and 9 to P30."""
+    if name.startswith("depth"):
+        return ("P20" if name.endswith(" 6") else "P30"), "depth (block influence)"
+    point, _, family = name.partition(" ")
+    return point, family
+
+
 def _plot(rows: dict[str, dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    """PPL vs parameters: one line per method from its P20 to its P30 point, references as crosses."""
+    fig, ax = plt.subplots(figsize=(11, 6))
+    families: dict[str, dict[str, tuple[float, float]]] = {}
     for name, row in rows.items():
-        if row.get(PPL) is None or not (name == "dense" or name.startswith(("P20", "P30", "depth"))):
+        if name != "dense" and row.get(PPL) is not None:
+            point, family = _family(name)
+            families.setdefault(family, {})[point] = (row["params_after"] / 1e6, row[PPL])
+    params = {point: x for points in families.values() for point, (x, _) in points.items()}  # where references sit
+    colors = plt.get_cmap("tab20").colors
+    off_scale = []
+    for i, (family, points) in enumerate(sorted(families.items(), key=lambda item: min(v[1] for v in item[1].values()))):
+        if min(ppl for _, ppl in points.values()) > PLOT_CEILING:
+            off_scale.append(family)
             continue
-        marker = "*" if name == "dense" else ("s" if "layer" in name or "depth" in name else "o")
-        ax.scatter(row["params_after"] / 1e6, row[PPL], marker=marker, s=60 if marker == "*" else 30)
-        ax.annotate(name, (row["params_after"] / 1e6, row[PPL]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        xs, ys = zip(*(points[p] for p in ("P20", "P30") if p in points), strict=True)
+        marker = "s" if family.startswith(("layer", "depth")) else "o"
+        ax.plot(xs, ys, marker=marker, color=colors[i % len(colors)], label=family, linewidth=1, markersize=5)
+    for j, (label, values) in enumerate(REFERENCES.items()):
+        xs, ys = zip(*((params[p], v) for p, v in values.items() if p in params), strict=True)
+        ax.plot(xs, ys, "x--", color=str(0.15 + 0.25 * j), label=label, markersize=8, linewidth=0.8)
+    if "dense" in rows:
+        ax.scatter(rows["dense"]["params_after"] / 1e6, rows["dense"][PPL], marker="*", s=120, color="black", label="dense")
+    if off_scale:
+        ax.text(0.01, 0.98, f"off scale (PPL > {PLOT_CEILING:,.0f}): " + ", ".join(off_scale), transform=ax.transAxes,
+                fontsize=7, va="top")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
+    ax.set_ylim(top=PLOT_CEILING)
+    ax.set_xlabel("parameters (M)  —  P30 ≈ 102.6 M, P20 ≈ 113.3 M, dense 134.5 M")
     ax.set_ylabel("wikitext-2 PPL (log)")
-    ax.set_title("SmolLM2-135M: perplexity vs size, no fine-tuning")
-    ax.grid(alpha=0.3)
+    ax.set_title("SmolLM2-135M: perplexity vs size, no fine-tuning (lower is better)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
