@@ -27,3 +27,11 @@ def data_dir() -> Path:
     if not (path / "wikitext2").is_dir():
         pytest.skip("offline data folder not available")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fixed_global_rng() -> None:
+    """Each test starts from the same global torch RNG state, so its random data does not depend on test order."""
+    import torch
+
+    torch.manual_seed(0)

@@ -251,8 +251,10 @@ def test_bad_arguments_raise_one_line_errors(kwargs, message):
 
 
 def test_singular_gram_without_ridge_is_reported():
-    x = torch.randn(4, 8, dtype=F64)  # 4 tokens, 6 kept columns: rank-deficient
-    w = torch.randn(3, 8, dtype=F64)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, dtype=F64, generator=gen)
+    x[:, 5] = 0.0  # a dead kept unit: its Gram row and column are exactly zero (rounding cannot rescue it)
+    w = torch.randn(3, 8, dtype=F64, generator=gen)
     kept = torch.arange(6)
     with pytest.raises(ReconstructionError, match="singular"):
         compensate(_cut_linear(w, None, kept), w, kept, _stats(x), "lsq", 0.0)
