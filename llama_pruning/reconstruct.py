@@ -26,7 +26,7 @@ from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
 
 MODES = ("none", "bias", "lsq")
-DEFAULT_RIDGE = 0.1  # measured best on SmolLM2 (docs/RECONSTRUCTION.md)
+DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
 DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 
@@ -83,7 +83,8 @@ def compensate(
     T = Y + a D (D: the drift in `stats`, a = `drift_weight`; a = 0 reproduces this block's dense output,
     a = 1 the dense model's residual stream, undoing the error accumulated upstream as well):
     - `bias`: b' = b + mean(X_R) W_R^T + a mean(D), so the mean output over the calibration tokens is exact.
-    - `lsq`: W' = argmin ||X_K W'^T + b' - T||^2 + lam ||W' - W_K||^2, with lam = ridge * mean(diag(X_K^T X_K)),
+    - `lsq`: W' = argmin ||X_K W'^T + b' - T||^2 + lam ||W' - W_K||^2, lam = ridge * mean(diag(X_K^T X_K)) / n:
+      `ridge` is the prior's weight in tokens (n = calibration tokens), so more tokens let the data speak more;
       i.e. W'^T = W_K^T + (G_KK + lam I)^-1 (G_KR W_R^T + a X_K^T D); when the linear has a bias it is fitted
       jointly (unpenalised), which centres G and X^T D (G - n mu mu^T).
     Solved in the dtype of `stats`; the result is cast back to the linear's dtype.
@@ -102,7 +103,7 @@ def compensate(
     if mode == "lsq":
         gram = stats.gram - stats.count * torch.outer(mean, mean) if has_bias else stats.gram
         g_kk = gram[kept][:, kept]
-        lam = ridge * stats.gram.diagonal()[kept].mean()
+        lam = ridge * stats.gram.diagonal()[kept].mean() / stats.count
         g_kk.diagonal().add_(lam)
         chol, info = torch.linalg.cholesky_ex(g_kk)
         if info.item() != 0:

@@ -56,7 +56,7 @@ def test_layer_end_to_end(tmp_path, data_dir):
     assert code == 0
     description = (out / "l" / "description.txt").read_text()
     log = next((out / "l").glob("2*/training.log")).read_text()
-    assert "bias reconstruction on 6 x 32 tokens (ridge 0.1, drift 0.25)" in log
+    assert "bias reconstruction on 6 x 32 tokens (ridge 3000 tokens = 15.6 relative, drift 0.25)" in log
     assert "PPL after pruning, before recovery" in description and "PPL after recovery" in description
     assert (out / "l" / "finetune_loss.png").is_file()
     config = json.loads((out / "l" / "layer_importance_config.json").read_text())

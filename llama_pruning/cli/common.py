@@ -97,7 +97,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--reconstruct", choices=MODES, default="lsq",
                    help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
     p.add_argument("--reconstruct_ridge", type=non_negative, default=DEFAULT_RIDGE,
-                   help="ridge strength of lsq, relative to the mean Gram diagonal, pulling toward the original weights")
+                   help="lsq's pull toward the original weights, in calibration tokens (relative ridge = this / solve tokens)")
     p.add_argument("--reconstruct_drift", type=fraction, default=DEFAULT_DRIFT,
                    help="fraction (0-1) of the drift from the dense model's stream each block is also fitted to cancel")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
@@ -197,7 +197,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
             if samples is None or count != len(samples):
                 samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
             log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
-                f"(ridge {args.reconstruct_ridge}, drift {args.reconstruct_drift})")
+                f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
+                f"drift {args.reconstruct_drift})")
             prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                                       batch_size=args.gradient_batch_size, device=args.device,
                                       drift_weight=args.reconstruct_drift)
