@@ -144,15 +144,21 @@ def test_reconstruction_lowers_block_error_on_held_out_tokens():
     assert errors["lsq"] < errors["bias"]
 
 
-@pytest.mark.parametrize("mode", ["bias", "lsq"])
-def test_bias_preserves_block_output_mean_on_calibration_tokens(mode):
-    """A fitted bias makes each surviving block's mean output over the calibration tokens equal the dense one."""
+def _bias_compensated(mode: str, drift_weight: float):
+    """(dense, reconstructed copy, calibration ids) for a tiny biased model whose plan flags bias compensation."""
     dense = tiny_model(dtype=F64, model_type="qwen2", bias=True, layers=3)
     plan = _partial_plan(dense, seed=4)
     plan.bias_compensation = [True] * plan.num_layers
     calib = _ids(10, 24, seed=2)
     pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, batch_size=3, progress=False,
-                                       drift_weight=0.0)
+                                       drift_weight=drift_weight)
+    return dense, pruned, calib
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def test_bias_preserves_block_output_mean_on_calibration_tokens(mode):
+    """A fitted bias makes each surviving block's mean output over the calibration tokens equal the dense one."""
+    dense, pruned, calib = _bias_compensated(mode, drift_weight=0.0)
     for p, d in _block_io(dense, pruned, calib):
         torch.testing.assert_close(p.mean((0, 1)), d.mean((0, 1)), rtol=0, atol=1e-10)
 
@@ -161,12 +167,7 @@ def test_bias_preserves_block_output_mean_on_calibration_tokens(mode):
 def test_full_drift_preserves_the_dense_stream_mean(mode):
     """With drift weight 1 and biases, every layer's output has the dense model's mean over the calibration tokens
     (each block's bias absorbs the mean gap accumulated upstream, not just its own)."""
-    dense = tiny_model(dtype=F64, model_type="qwen2", bias=True, layers=3)
-    plan = _partial_plan(dense, seed=4)
-    plan.bias_compensation = [True] * plan.num_layers
-    calib = _ids(10, 24, seed=2)
-    pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, batch_size=3, progress=False,
-                                       drift_weight=1.0)
+    dense, pruned, calib = _bias_compensated(mode, drift_weight=1.0)
     with torch.no_grad():
         ours = pruned(calib, output_hidden_states=True).hidden_states
         theirs = dense(calib, output_hidden_states=True).hidden_states
