@@ -229,8 +229,9 @@ def _reconstruct_layer(
     o_stats = InputStats(spec.num_heads * spec.head_dim, solve_dtype, device, width) if attn_cut else None
     dense_o = layer.self_attn.o_proj.weight if attn_cut else None
     _fit_pass(attention, layer.self_attn.o_proj, o_stats, hidden, dense_hidden)
-    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut or dense_hidden is not None else None
-    dense_norm = copy.deepcopy(layer.post_attention_layernorm)
+    # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
+    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut else layer.mlp
+    dense_norm = layer.post_attention_layernorm
     prune_layer(layer, plan, index)
     if attn_cut:
         compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge,
@@ -240,8 +241,7 @@ def _reconstruct_layer(
 
     # the dense MLP's down_proj input, on the residual stream after the *pruned* attention
     m_stats = InputStats(spec.intermediate_size, solve_dtype, device, width) if mlp_cut else None
-    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp and dense_mlp.down_proj, m_stats,
-              hidden, dense_hidden)
+    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp.down_proj, m_stats, hidden, dense_hidden)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight)
