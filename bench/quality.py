@@ -85,11 +85,16 @@ def run_row(name: str, cli: list[str], args: argparse.Namespace, runs: Path) -> 
 
 
 def speed_of(source: str, args: argparse.Namespace) -> dict:
-    from llama_pruning.evaluation.speed import profile_in_subprocess
+    """Speed of a saved row model, timed right after the dense model (each in its own process), so the ratios
+    compare two measurements taken under the same machine load."""
+    from llama_pruning.evaluation.speed import compare
 
-    result = profile_in_subprocess(source, device=args.device, batch_size=1, prefill_len=128, decode_tokens=16, repeats=3)
-    return {"prefill_tokens_per_s": result["prefill_tokens_per_s"], "decode_tokens_per_s": result["decode_tokens_per_s"],
-            "linear_macs_per_token": result.get("linear_macs_per_token")}
+    report = compare(source, base_model="smollm2-135m", device=args.device, batch_size=1, prefill_len=128,
+                     decode_tokens=16, repeats=5)
+    pruned, ratios = report["pruned"], report["ratios"]
+    return {"prefill_tokens_per_s": pruned["prefill_tokens_per_s"], "decode_tokens_per_s": pruned["decode_tokens_per_s"],
+            "linear_macs_per_token": pruned.get("linear_macs_per_token"),
+            "prefill ratio to dense": ratios["prefill_tokens_per_s"], "decode ratio to dense": ratios["decode_tokens_per_s"]}
 
 
 def dense_row(args: argparse.Namespace) -> dict:
@@ -114,7 +119,7 @@ def dense_row(args: argparse.Namespace) -> dict:
     row["params_before"] = row["params_after"]
     row["torch threads"] = torch.get_num_threads()
     if args.speed:
-        row.update(speed_of("smollm2-135m", args))
+        row.update(speed_of("smollm2-135m", args))  # the dense model against itself: ratios near 1 show the noise
     return row
 
 

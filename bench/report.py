@@ -37,6 +37,7 @@ def write_report(rows: dict[str, dict], docs: Path, machine: str) -> None:
     """Write the results table, reference rows and notes to docs/RESULTS.md, and the P20 plot."""
     dense = rows.get("dense", {})
     dense_prefill = dense.get("prefill_tokens_per_s")
+    dense_macs = dense.get("linear_macs_per_token")
     lines = [
         "# Results on SmolLM2-135M",
         "",
@@ -47,20 +48,25 @@ def write_report(rows: dict[str, dict], docs: Path, machine: str) -> None:
         "P20 / P30 = 20% / 30% of decoder-layer parameters",
         "(`--pruning_ratio 0.158` / `0.2369` of the total). Pruning s = the command's pruning phase (load, importance,",
         "selection, cut and reconstruction); importance is cached, so only the first row of a method pays for it.",
-        "Total s = the whole subprocess (adds PPL). Prefill ratio = pruned / dense tokens/s, batch 1 x 128.",
+        "Total s = the whole subprocess (adds PPL). MACs = linear multiply-accumulates per token, pruned / dense",
+        "(exact); prefill = pruned / dense tokens/s, batch 1 x 128, fastest of 5 runs, the dense model timed right",
+        "after each row's model (rows without that pairing are divided by the dense row's speed).",
         f"Machine: {machine}.",
         "",
-        "| row | params total | layer params removed | wikitext-2 PPL | pruning s | total s | peak RSS MiB | prefill vs dense |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | params total | layer params removed | wikitext-2 PPL | pruning s | total s | peak RSS MiB "
+        "| MACs vs dense | prefill vs dense |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         layer_params = DENSE_LAYER_PARAMS if name == "dense" else row.get("layer_params_after")
         removed = None if layer_params is None else 1 - layer_params / DENSE_LAYER_PARAMS
         prefill = row.get("prefill_tokens_per_s")
-        ratio = prefill / dense_prefill if prefill and dense_prefill else None
+        ratio = row.get("prefill ratio to dense") or (prefill / dense_prefill if prefill and dense_prefill else None)
+        macs = row.get("linear_macs_per_token")
+        macs_ratio = macs / dense_macs if macs and dense_macs else None
         cells = [name, f"{row['params_after']:,}", _fmt(removed, ".1%"), _fmt(row.get(PPL), ".2f"),
                  _fmt(row.get("pruning seconds"), ".0f"), _fmt(row.get("wall_seconds"), ".0f"),
-                 _fmt(row.get("peak RSS MiB"), ".0f"), _fmt(ratio, ".2f")]
+                 _fmt(row.get("peak RSS MiB"), ".0f"), _fmt(macs_ratio, ".3f"), _fmt(ratio, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## External reference rows (not run here)", "",
               "Measured by the issue authors on this model with the same calibration and evaluation protocol, using",

@@ -30,16 +30,18 @@ def test_quality_quick(tmp_path, data_dir):
 def test_report_renders_rows_references_and_plot(tmp_path):
     from bench.report import write_report
 
-    rows = {"dense": {"params_after": 134_515_008, "wikitext2 PPL after pruning": 52.08, "prefill_tokens_per_s": 100.0},
+    rows = {"dense": {"params_after": 134_515_008, "wikitext2 PPL after pruning": 52.08, "prefill_tokens_per_s": 100.0,
+                      "linear_macs_per_token": 134_479_872},
             "P20 global taylor lsq": {"params_after": 113_262_912, "layer_params_after": 84_962_304, "pruning seconds": 288.1,
-                                      "wikitext2 PPL after pruning": 70.86, "prefill_tokens_per_s": 150.0},
+                                      "wikitext2 PPL after pruning": 70.86, "prefill_tokens_per_s": 150.0,
+                                      "linear_macs_per_token": 113_227_776},
             "P30 global taylor lsq": {"params_after": 102_648_960, "wikitext2 PPL after pruning": 87.52},
             "P20 global random": {"params_after": 113_262_336, "wikitext2 PPL after pruning": 15236.9}}
     (tmp_path / "RESULTS_NOTES.md").write_text("## Notes\n* hand-written\n")
     write_report(rows, tmp_path, machine="test machine")
     text = (tmp_path / "RESULTS.md").read_text()
-    assert "| P20 global taylor lsq | 113,262,912 | 20.0% | 70.86 | 288 | — | — | 1.50 |" in text
-    assert "| P30 global taylor lsq | 102,648,960 | — | 87.52 | — | — | — | — |" in text  # unknown, not 0%
-    assert "| dense | 134,515,008 | 0.0% | 52.08 | — | — | — | 1.00 |" in text
+    assert "| P20 global taylor lsq | 113,262,912 | 20.0% | 70.86 | 288 | — | — | 0.842 | 1.50 |" in text
+    assert "| P30 global taylor lsq | 102,648,960 | — | 87.52 | — | — | — | — | — |" in text  # unknown, not 0%
+    assert "| dense | 134,515,008 | 0.0% | 52.08 | — | — | — | 1.000 | 1.00 |" in text
     assert "Machine: test machine." in text and "| ShortGPT block-influence" in text and text.endswith("* hand-written\n\n")
     assert (tmp_path / "results_p20.png").stat().st_size > 10_000
