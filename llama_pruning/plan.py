@@ -8,18 +8,75 @@ so they can be written by hand, replayed, diffed and plotted.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from torch import nn
 
+from llama_pruning import atomic
 from llama_pruning.models.arch import ModelSpec, count_params, decoder_layers, model_spec
 
 PLAN_FILENAME = "pruning_plan.json"
 
 
 class PlanError(ValueError):
-    """A plan that does not fit the model it is applied to."""
+    """A plan that does not fit the model it is applied to, or a file that is not a plan."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the integer 1
+
+
+def _index_lists(data: dict, key: str, limit: int) -> None:
+    """`data[key]` must be a list of lists of distinct integers in [0, limit)."""
+    value = data[key]
+    if not isinstance(value, list):
+        raise PlanError(f"plan field {key}: expected a list per layer, got {type(value).__name__}")
+    for layer, indices in enumerate(value):
+        if not isinstance(indices, list):
+            raise PlanError(f"plan field {key}[{layer}]: expected a list of indices, got {type(indices).__name__}")
+        for position, index in enumerate(indices):
+            if not _is_int(index) or not 0 <= index < limit:
+                raise PlanError(f"plan field {key}[{layer}][{position}]: expected an integer in [0, {limit}), "
+                                f"got {json.dumps(index)}")
+        if len(set(indices)) != len(indices):
+            raise PlanError(f"plan field {key}[{layer}]: duplicate indices")
+
+
+def check_plan_dict(data: object) -> None:
+    """Raise PlanError, naming the field, unless `data` has every plan field with the right type and range."""
+    if not isinstance(data, dict):
+        raise PlanError(f"not a pruning plan: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in fields(PruningPlan)}
+    unknown = sorted(set(data) - names)
+    missing = sorted(n for n in ("base_model", "spec", "attn_groups", "mlp_channels") if n not in data)
+    if unknown or missing:
+        raise PlanError(f"not a pruning plan: unknown fields {unknown}, missing fields {missing}")
+    if not isinstance(data["base_model"], str):
+        raise PlanError(f"plan field base_model: expected a string, got {json.dumps(data['base_model'])}")
+    spec = data["spec"]
+    if not isinstance(spec, dict) or set(spec) != {f.name for f in fields(ModelSpec)}:
+        raise PlanError(f"plan field spec: expected an object with the fields {[f.name for f in fields(ModelSpec)]}")
+    for f in fields(ModelSpec):
+        value = spec[f.name]
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = (isinstance(value, str) if kind == "str" else isinstance(value, bool) if kind == "bool"
+              else _is_int(value) and value >= 1)
+        if not ok:
+            raise PlanError(f"plan field spec.{f.name}: expected {'a positive integer' if kind == 'int' else 'a ' + kind}, "
+                            f"got {json.dumps(value)}")
+    _index_lists(data, "attn_groups", spec["num_kv_heads"])
+    _index_lists(data, "mlp_channels", spec["intermediate_size"])
+    for key in ("attn_groups", "mlp_channels"):
+        if len(data[key]) != spec["num_layers"]:
+            raise PlanError(f"plan field {key}: lists {len(data[key])} layers, spec.num_layers is {spec['num_layers']}")
+    flags = data.get("bias_compensation", [])
+    if not isinstance(flags, list) or not all(isinstance(flag, bool) for flag in flags):
+        raise PlanError("plan field bias_compensation: expected a list of true/false, one per layer")
+    if flags and len(flags) != spec["num_layers"]:
+        raise PlanError(f"plan field bias_compensation: lists {len(flags)} flags, spec.num_layers is {spec['num_layers']}")
+    if not isinstance(data.get("metadata", {}), dict):
+        raise PlanError(f"plan field metadata: expected an object, got {type(data['metadata']).__name__}")
 
 
 @dataclass
@@ -46,10 +103,12 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningPlan:
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise PlanError(f"not a pruning plan: {err}") from None
+        """A plan from its JSON form, checked field by field (PlanError naming the field otherwise)."""
+        check_plan_dict(data)
+        plan = cls(**data)
+        if not plan.kept_layers:
+            raise PlanError("the plan removes every layer: nothing would be left of the model")
+        return plan
 
     @classmethod
     def load(cls, path: str | Path) -> PruningPlan:
@@ -58,18 +117,24 @@ class PruningPlan:
         if not path.is_file():
             raise PlanError(f"plan file not found: {path}")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise PlanError(f"{path} is not valid JSON: {err}") from None
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise PlanError(f"{path} is not valid JSON: {str(err).splitlines()[0][:200]}") from None
+        except OSError as err:
+            raise PlanError(f"cannot read plan {path}: {err.strerror or err}") from None
         if not isinstance(data, dict):
             raise PlanError(f"{path} does not hold a pruning plan")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except PlanError as err:
+            raise PlanError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        """Write the plan as JSON, atomically."""
+        atomic.write_text(path, json.dumps(self.to_dict(), indent=1))
 
     # derived views ---------------------------------------------------------------------------------
     @property

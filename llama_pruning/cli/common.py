@@ -21,13 +21,15 @@ import torch
 from torch import nn
 
 from llama_pruning.evaluation.speed import peak_rss_bytes
-from llama_pruning.models.arch import count_params, model_spec
-from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_model
-from llama_pruning.plan import PLAN_FILENAME, PruningPlan
+from llama_pruning.models.arch import config_geometry, count_params, model_spec
+from llama_pruning.models.loading import DEFAULT_MODEL, check_device, check_model, default_device, load_model
+from llama_pruning.plan import PLAN_FILENAME, PlanError, PruningPlan
 from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
 
 # (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
 Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
+# a command's own checks of its flags against the model's layer count, run before anything is loaded
+Check = Callable[[argparse.Namespace, int], None]
 
 
 def ratio(text: str) -> float:
@@ -50,6 +52,14 @@ def non_negative(text: str) -> float:
     """argparse type for a float >= 0."""
     value = float(text)
     if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for an integer >= 0."""
+    value = int(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
@@ -78,6 +88,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                    help="dtype the model is loaded and pruned in")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
     p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="allow the base model's own Python code to run (never needed for folders llama-pruning wrote)")
     p = parser.add_argument_group("importance")
     p.add_argument("--pruning_ratio", type=ratio, default=0.2,
                    help="fraction of the model's TOTAL parameters (embeddings included) to remove")
@@ -106,7 +118,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
-    p.add_argument("--eval_max_windows", type=int, default=0,
+    p.add_argument("--eval_max_windows", type=non_negative_int, default=0,
                    help="evaluate only the first N windows of 128 tokens (0 = the whole split)")
     p.add_argument("--save_model", action="store_true", help="save the pruned model (HF format) in the run folder")
     p.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default=None,
@@ -141,7 +153,53 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
     return cached_importance(model, samples, args.importance_method, cache, key_fields=key, **kwargs)
 
 
-def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
+def _check_text(dataset: str, split: str, why: str) -> None:
+    """A local text file must exist and be UTF-8; an evaluation corpus must be reachable (read now, not after pruning)."""
+    from llama_pruning.data import DataError, load_text
+    from llama_pruning.data.sources import DATASETS, is_local_path
+
+    try:
+        if split == "evaluation" or is_local_path(dataset) or dataset not in DATASETS:
+            load_text(dataset, split)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{dataset} is not UTF-8 text (byte {err.start}): give a .txt or .jsonl file") from None
+    except DataError as err:
+        if split != "evaluation":
+            raise
+        raise DataError(f"{why} measures perplexity on the wikitext-2 test split, which cannot be read: set "
+                        "LLAMA_PRUNING_DATA to a folder holding wikitext2/wiki.test.raw (or make the hub reachable), "
+                        f"or drop {why} ({str(err).split(':')[0]})") from None
+    except IsADirectoryError:
+        raise DataError(f"{dataset} is a folder, not a text file") from None
+
+
+def check_inputs(args: argparse.Namespace, check: Check | None = None) -> PruningPlan | None:
+    """Every flag and input file, checked after reading the model's config and before any weights or data are
+    loaded, so a long run never fails at its end on bad input; returns the replayed plan, if any."""
+    from llama_pruning.recovery.config import RecoveryConfig
+
+    check_device(args.device)
+    if args.finetune or args.distill:
+        RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
+    plan = PruningPlan.load(args.plan) if args.plan is not None else None
+    geometry = config_geometry(check_model(args.base_model, args.trust_remote_code))
+    if plan is not None:
+        diff = {k: (plan.spec[k], v) for k, v in geometry.items() if plan.spec[k] != v}
+        if diff:
+            raise PlanError(f"{args.plan} was made for another model ({plan.base_model}); "
+                            f"mismatched (plan, model): {diff}")
+    elif check is not None:
+        check(args, geometry["num_layers"])
+    if plan is None or args.reconstruct != "none":
+        _check_text(args.dataset, "calibration", "--dataset")
+    for flag in ("test_before_prune", "test_after_prune"):
+        if getattr(args, flag):
+            _check_text("wikitext2", "evaluation", f"--{flag}")
+            break
+    return plan
+
+
+def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: Check | None = None) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
     from llama_pruning.reconstruct import DEFAULT_SAMPLES, prune_with_reconstruction
@@ -153,17 +211,21 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
     seed_everything(args.seed)
+    replayed = check_inputs(args, check)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
     log = run.log
     args.run_path = run.path
     try:
-        log(f"{title}: run folder {run.path}")
+        log(f"{title}: run folder {run.final} (written in {run.path.name} until it is complete)")
         started = time.perf_counter()
-        model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device,
+                                      trust_remote_code=args.trust_remote_code)
         spec = model_spec(model)
         log(f"loaded {args.base_model}: {spec.model_type}, {spec.num_layers} layers, {spec.num_heads} query / "
             f"{spec.num_kv_heads} KV heads of {spec.head_dim}, MLP {spec.intermediate_size}, "
             f"{count_params(model):,} parameters")
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        run.check_space((weight_bytes if args.save_model else 0) + 64 * 2**20)
         metrics: dict = {}
         if args.test_before_prune:
             metrics["wikitext2 PPL before pruning"] = _ppl(model, tokenizer, args)
@@ -171,9 +233,13 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
         samples = (get_calibration_samples(tokenizer, args.dataset, args.num_samples, args.seq_len, args.seed)
                    if args.plan is None else None)
         groups = layer_scores = None
-        if args.plan is not None:
-            plan = PruningPlan.load(args.plan)
+        if replayed is not None:
+            plan = replayed
             log(f"replaying plan {args.plan} (made for {plan.base_model})")
+            # the flags of selection were not used: record what made the plan (None when it does not say)
+            args.importance_method = plan.metadata.get("importance_method")
+            args.pruning_ratio = plan.metadata.get("pruning_ratio")
+            plan.metadata["replayed_from"] = str(args.plan)
         else:
             log(f"importance: {args.importance_method} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
             table = importance_table(model, args, samples)
@@ -187,7 +253,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
             f"({1 - report['params_after'] / report['params_before']:.2%} removed); "
             f"deleted layers: {report['removed_layers']}")
         selected = time.perf_counter()
-        teacher = (lambda: load_model(args.base_model, dtype=args.dtype, device=args.device)[0]) if args.distill else None
+        teacher = (lambda: load_model(args.base_model, dtype=args.dtype, device=args.device,
+                                      trust_remote_code=args.trust_remote_code)[0]) if args.distill else None
         if args.reconstruct == "none":
             from llama_pruning.surgery import apply_plan
 
@@ -216,11 +283,13 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
             metrics[key] = _ppl(model, tokenizer, args)
             log(f"{key}: {metrics[key]:.2f}")
         _write_outputs(run, args, model, tokenizer, plan, report, spec, groups, layer_scores, metrics, title)
+        run.commit()
         log(f"done in {time.perf_counter() - started:.0f} s: {run.path}")
         return 0
     except BaseException:
         with open(run.log_dir / "training.log", "a") as handle:  # the full story goes to the log, not the console
             traceback.print_exc(file=handle)
+        log(f"run failed: its log is kept in {run.fail() / run.stamp / 'training.log'}")
         raise
     finally:
         run.close()
@@ -248,5 +317,6 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
     (path / "metrics.json").write_text(json.dumps(summary, indent=1))
     if args.save_model:
         save_pruned_model(model, tokenizer, path, plan=plan, dtype=args.save_dtype)
-        run.log(f"model saved to {path} (load with AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True))")
+        run.log(f"model saved in {run.final} (load it with llama_pruning.models.load_model; "
+                "plain transformers: see README, Safety)")
 

@@ -7,34 +7,45 @@ import argparse
 import json
 from pathlib import Path
 
-from llama_pruning.evaluation.speed import compare, format_report
-from llama_pruning.models.loading import default_device
+from llama_pruning import atomic
+from llama_pruning.cli.common import positive_int
+from llama_pruning.evaluation.speed import base_model_of, compare, format_report
+from llama_pruning.models.loading import check_device, check_model, default_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the eval command."""
-    parser.add_argument("model_dir", help="saved model folder (pruned folders load with trust_remote_code)")
+    parser.add_argument("model_dir", help="saved model folder (folders llama-pruning wrote load with its own code; "
+                                          "no file of the folder is run)")
     parser.add_argument("--base_model", default=None,
                         help="dense model to compare with (default: base_model of MODEL_DIR/pruning_plan.json; "
                              "smollm2-135m, an HF id or a folder)")
     parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward pass")
-    parser.add_argument("--prefill_len", type=int, default=128, help="prompt tokens per sequence")
-    parser.add_argument("--decode_tokens", type=int, default=32, help="greedy decode steps after the prompt")
-    parser.add_argument("--context_len", type=int, default=None,
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="sequences per forward pass")
+    parser.add_argument("--prefill_len", type=positive_int, default=128, help="prompt tokens per sequence")
+    parser.add_argument("--decode_tokens", type=positive_int, default=32, help="greedy decode steps after the prompt")
+    parser.add_argument("--context_len", type=positive_int, default=None,
                         help="context length for the attention MACs per token (default: prefill_len)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (the fastest is reported)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs after one warm-up (the fastest is reported)")
     parser.add_argument("--in_process", action="store_true",
                         help="measure both models in this process (faster; peak memory then not separated)")
     parser.add_argument("--json", type=Path, default=None, help="write the full report to this JSON file")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="allow the models' own Python code to run (the folder's and its base model's)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Profile MODEL_DIR (and its dense base), print a table, optionally write JSON; 0 on success."""
+    check_device(args.device)
+    base_model = args.base_model or base_model_of(args.model_dir)
+    for name in (args.model_dir, base_model):  # both checked before either is loaded or timed
+        if name is not None:
+            check_model(name, args.trust_remote_code)
     report = compare(
         args.model_dir,
-        base_model=args.base_model,
+        base_model=base_model,
+        trust_remote_code=args.trust_remote_code,
         isolate=not args.in_process,
         device=args.device,
         dtype=args.dtype,
@@ -49,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
               "profiling the model alone")
     print(format_report(report))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        atomic.write_text(args.json, json.dumps(report, indent=1))
         print(f"report written to {args.json}")
     return 0

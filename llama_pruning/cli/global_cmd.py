@@ -10,7 +10,7 @@ from torch import nn
 
 from llama_pruning.cli.common import add_common_arguments, run_pruning
 from llama_pruning.selection import NORMALIZATIONS, global_plan
-from llama_pruning.selection.global_knapsack import resolve_normalization
+from llama_pruning.selection.global_knapsack import check_layer_range, resolve_normalization
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,5 +33,9 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
     return plan, groups, None
 
 
+def check(args: argparse.Namespace, num_layers: int) -> None:
+    check_layer_range(num_layers, args.layer_start, args.layer_end)
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_pruning(args, select, "global pruning")
+    return run_pruning(args, select, "global pruning", check)

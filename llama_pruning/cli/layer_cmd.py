@@ -13,6 +13,7 @@ from llama_pruning.cli.common import add_common_arguments, run_pruning
 from llama_pruning.importance import LAYER_METHODS, layer_importance
 from llama_pruning.selection import STRATEGIES, layerwise_plan, parse_distribution
 from llama_pruning.selection.global_knapsack import SelectionError
+from llama_pruning.selection.layerwise import check_layer_counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,9 +43,13 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
     return plan, groups, scores
 
 
+def check(args: argparse.Namespace, num_layers: int) -> None:
+    check_layer_counts(num_layers, args.remove_layers, args.freeze_top_n_layers)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.remove_empty_layers:
         raise SelectionError("--remove_empty_layers applies to global pruning only; "
                              "use --remove_layers N for depth pruning here")
     parse_distribution(args.pruning_distribution)  # fail before loading anything
-    return run_pruning(args, select, "layer-wise pruning")
+    return run_pruning(args, select, "layer-wise pruning", check)

@@ -7,6 +7,14 @@ import sys
 
 from llama_pruning.cli import eval_cmd, global_cmd, layer_cmd
 
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists the options)\n")
+
+
 COMMANDS = {
     "global": (global_cmd, "global pruning: every unit in one table, importance/cost knapsack"),
     "layer": (layer_cmd, "layer-wise pruning: per-layer ratios from layer importance"),
@@ -18,11 +26,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of one command (for the root scripts) or of all of them as sub-commands."""
     if command is not None:
         module, help_text = COMMANDS[command]
-        parser = argparse.ArgumentParser(description=help_text)
+        parser = OneLineParser(description=help_text)
         module.add_arguments(parser)
         parser.set_defaults(func=module.run)
         return parser
-    parser = argparse.ArgumentParser(prog="llama-pruning", description="GQA-aware structured pruning of Llama models")
+    parser = OneLineParser(prog="llama-pruning", description="GQA-aware structured pruning of Llama models")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -25,10 +25,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from llama_pruning.models.arch import count_params, decoder_layers
-from llama_pruning.models.loading import DEFAULT_MODEL, default_device, resolve_dtype, smollm2_hf_dir
+from llama_pruning.models.loading import default_device, load_model
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
 
 # quantities compared as pruned / dense
@@ -155,14 +154,12 @@ def peak_rss_bytes() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
-def load_for_profile(source: str, device: str, dtype: str) -> nn.Module:
-    """A model from a folder / hub id (remote code allowed: pruned folders carry it) or the `smollm2-135m` alias."""
-    path = smollm2_hf_dir() if source == DEFAULT_MODEL else source
+def load_for_profile(source: str, device: str, dtype: str, trust_remote_code: bool = False) -> nn.Module:
+    """A model from a folder / hub id or the `smollm2-135m` alias; its own code runs only with `trust_remote_code`."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), trust_remote_code=True)
+        return load_model(source, dtype=dtype, device=device, trust_remote_code=trust_remote_code, tokenizer=False)[0]
     except OSError as err:
         raise ProfileError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval()
 
 
 def profile(
@@ -174,13 +171,14 @@ def profile(
     decode_tokens: int = 32,
     context_len: int | None = None,
     repeats: int = 3,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Load `source` in this process and return its static profile, speed and peak memory."""
     device = device or default_device()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = peak_rss_bytes()
-    model = load_for_profile(source, device, dtype)
+    model = load_for_profile(source, device, dtype, trust_remote_code)
     result = {"source": source, "device": device, "dtype": dtype}
     result.update(model_profile(model, context_len or prefill_len))
     result.update(measure_speed(model, batch_size, prefill_len, decode_tokens, repeats))

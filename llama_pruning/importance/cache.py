@@ -12,15 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
+from llama_pruning import atomic
 from llama_pruning.importance.unit import DEFAULT_TAYLOR_2ND_VARIANT, compute_importance
 
 logger = logging.getLogger(__name__)
@@ -67,14 +66,8 @@ def cached_importance(model: nn.Module, samples: torch.Tensor, method: str, cach
         logger.info("importance cache hit: %s", path)
         return pd.read_csv(path)
     table = compute_importance(model, samples, method, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            table.to_csv(handle, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.remove_stale(path.parent, logger.info)
+    with atomic.atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     logger.info("importance table written to %s", path)
     return pd.read_csv(path)

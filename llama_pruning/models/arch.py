@@ -76,23 +76,29 @@ class ModelSpec:
         return asdict(self)
 
 
-def model_spec(model: nn.Module) -> ModelSpec:
-    """Read the dense geometry from a loaded (unpruned) model; raises for unsupported architectures."""
-    config = model.config
+def config_geometry(config: PretrainedConfig) -> dict:
+    """The ModelSpec fields a config alone determines (the biases need the modules): checks before loading weights."""
     check_supported(config)
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "model_type": config.model_type,
+        "num_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "num_kv_heads": kv_heads,
+        "n_rep": heads // kv_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "intermediate_size": config.intermediate_size,
+    }
+
+
+def model_spec(model: nn.Module) -> ModelSpec:
+    """Read the dense geometry from a loaded (unpruned) model; raises for unsupported architectures."""
+    geometry = config_geometry(model.config)
     layer = decoder_layers(model)[0]
     attn, mlp = layer.self_attn, layer.mlp
     return ModelSpec(
-        model_type=config.model_type,
-        num_layers=config.num_hidden_layers,
-        hidden_size=config.hidden_size,
-        num_kv_heads=kv_heads,
-        n_rep=heads // kv_heads,
-        head_dim=head_dim,
-        intermediate_size=config.intermediate_size,
+        **geometry,
         qkv_bias=attn.q_proj.bias is not None,
         o_bias=attn.o_proj.bias is not None,
         mlp_bias=mlp.gate_proj.bias is not None,

@@ -1,28 +1,28 @@
 """Save a pruned model as a Hugging Face folder that loads anywhere transformers does.
 
 Uniform layers -> a vanilla checkpoint (no custom code). Per-layer shapes, removed blocks or added
-biases -> the config records `pruned_layout` and the folder carries `modeling_pruned.py` named in
-`auto_map`. Files are written to a temporary folder and moved in with config.json last, so a crash
-never leaves something that looks like a complete model.
+biases -> the config records `pruned_layout` and the format version, and the folder carries
+`modeling_pruned.py` named in `auto_map` (for plain-transformers users; `load_model` never runs it).
+Files are written to a temporary folder and moved in with config.json last, so a crash never leaves
+something that looks like a complete model.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llama_pruning import atomic
 from llama_pruning.models import modeling_pruned
 from llama_pruning.models.arch import ModelSpec
-from llama_pruning.models.loading import resolve_dtype
+from llama_pruning.models.loading import FORMAT_KEY, FORMAT_VERSION, MODELING_FILE, resolve_dtype
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
 
-MODELING_FILE = "modeling_pruned.py"
 _STOCK = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -42,7 +42,7 @@ def is_vanilla(layout: list[dict], spec: ModelSpec) -> bool:
 def export_config(model: nn.Module, plan: PruningPlan | None):
     """The config to write: vanilla fields when the shapes allow it, else pruned layout + auto_map."""
     config = copy.deepcopy(model.config)
-    for key in ("quantization_config", "auto_map"):
+    for key in ("quantization_config", "auto_map", FORMAT_KEY):
         if hasattr(config, key):
             delattr(config, key)
     layout = getattr(config, "pruned_layout", None)
@@ -58,6 +58,7 @@ def export_config(model: nn.Module, plan: PruningPlan | None):
         return config
     name = modeling_pruned.PRUNED_CLASSES[config.model_type].__name__
     config.architectures = [name]
+    setattr(config, FORMAT_KEY, FORMAT_VERSION)
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{name}"}
     return config
 
@@ -82,7 +83,8 @@ def save_pruned_model(
         state = {k: v.to(torch_dtype) for k, v in model.state_dict().items()}
         config.dtype = torch_dtype
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
+    atomic.remove_stale(out_dir)
+    tmp = atomic.temp_sibling(out_dir / "model", directory=True)
     try:
         original = model.config
         model.config = config
@@ -90,12 +92,16 @@ def save_pruned_model(
             model.save_pretrained(tmp, state_dict=state)
         finally:
             model.config = original
+        atomic.pause_point(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            atomic.pause_point(tmp)
         if getattr(config, "auto_map", None):
             shutil.copyfile(modeling_pruned.__file__, tmp / MODELING_FILE)
         if plan is not None:
             plan.save(tmp / PLAN_FILENAME)
+        atomic.pause_point(tmp)
+        atomic.fix_modes(tmp)
         files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")
         for path in files:
             path.replace(out_dir / path.name)

@@ -1,11 +1,15 @@
-"""Load a Llama-family causal LM and its tokenizer: the embedded SmolLM2 GGUF, an HF id or a local path."""
+"""Load a Llama-family causal LM and its tokenizer: the embedded SmolLM2 GGUF, an HF id or a local path.
+
+No Python file that comes with a model is executed unless the caller passes `trust_remote_code=True`
+(the CLI's `--trust_remote_code`). Folders written by llama-pruning load with this package's own
+classes; their `modeling_pruned.py` is only checked against the versions we shipped, never run.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,14 +17,22 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import cached_file
 
+from llama_pruning import atomic
 from llama_pruning.models.arch import check_supported
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODELING_FILE = "modeling_pruned.py"
+FORMAT_KEY = "llama_pruning_format"  # recorded in the config of every folder we save with per-layer shapes
+FORMAT_VERSION = 1
+# sha256 of every modeling_pruned.py a release has written -> the release; a folder carrying another file is refused
+KNOWN_MODELING_SHA256 = {"94985c4e7ae2bb07ba69c03672666c9fee8c95349964c57c7f4d43b46584dc87": "0.1.0"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -33,9 +45,36 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return _DTYPES[dtype]
 
 
+class ModelLoadError(ValueError):
+    """A model that cannot be read or may not be loaded without consent (one line that says why)."""
+
+
 def default_device() -> str:
     """cuda when available, else cpu: the default of every command, never hard-coded."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_devices() -> list[str]:
+    """The torch devices this machine can run on, for error messages."""
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def check_device(name: str) -> None:
+    """Raise ValueError, naming the available devices, unless `name` is a device this machine has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    ok = device is not None and (
+        device.type == "cpu"
+        or (device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count())
+        or (device.type == "mps" and "mps" in available_devices())
+    )
+    if not ok:
+        raise ValueError(f"device {name!r} is not available here; available: {', '.join(available_devices())}")
 
 
 def smollm2_dir() -> Path:
@@ -72,19 +111,110 @@ def smollm2_hf_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.name_or_path = DEFAULT_MODEL
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    atomic.remove_stale(target.parent)  # conversions killed earlier
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic.atomic_path(target, directory=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if (target / "config.json").is_file():  # another process finished first: keep its copy
+                raise _AlreadyThere
+    except _AlreadyThere:
+        pass
     return target
+
+
+class _AlreadyThere(Exception):
+    """Another process converted the cache while this one did: its copy stays."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_source(name_or_path: str) -> str:
+    """What transformers should read: the SmolLM2 cache for the alias, else the id or path as given."""
+    if name_or_path == DEFAULT_MODEL:
+        return str(smollm2_hf_dir())
+    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    return str(Path(name_or_path).expanduser()) if name_or_path.startswith("~") else name_or_path
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config alone (no weights), with the architecture checked: the start of every run."""
+    source = resolve_source(name_or_path)
+    local = Path(source).is_dir()
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise ModelLoadError(f"{name_or_path} needs the Python code named in its config to load; llama-pruning "
+                                 "runs such code only with --trust_remote_code (read it first)") from None
+        if local:
+            raise ModelLoadError(f"cannot read the model folder {name_or_path}: {_first_line(err)}") from None
+        raise ModelLoadError(
+            f"cannot load model {name_or_path!r} (not a local folder, and the hub said: {_first_line(err)}); "
+            f"use an HF id, a local folder, or {DEFAULT_MODEL}"
+        ) from None
+    check_supported(config)
+    return config
+
+
+def _modeling_file_sha256(source: str) -> str | None:
+    """sha256 of the model's modeling_pruned.py (None when it has none); the file is read, never imported."""
+    try:
+        path = cached_file(source, MODELING_FILE, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def pruned_class(config: PretrainedConfig, source: str, trust_remote_code: bool = False) -> type | None:
+    """Our own class for a folder with per-layer shapes (None: transformers picks the class).
+
+    The folder's modeling_pruned.py must be one we shipped; any other file is refused, unless the user
+    trusts it, in which case transformers runs it.
+    """
+    if getattr(config, "pruned_layout", None) is None:
+        return None
+    from llama_pruning.models.modeling_pruned import PRUNED_CLASSES
+
+    digest = _modeling_file_sha256(source)
+    if digest is not None and digest not in KNOWN_MODELING_SHA256:
+        if trust_remote_code:
+            return None
+        raise ModelLoadError(
+            f"{source}/{MODELING_FILE} is not a file llama-pruning wrote (sha256 {digest[:12]}... matches no release); "
+            "it is not run. Load it only if you trust it: --trust_remote_code"
+        )
+    return PRUNED_CLASSES[config.model_type]
+
+
+def check_weight_files(source: str) -> None:
+    """Open the header of every local safetensors file, so a truncated or corrupt one is named in one line."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source)
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({_first_line(err)}): "
+                                 "the copy is truncated or corrupt; save or download it again") from None
+
+
+
+
+def check_model(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """All that can be checked without reading weights: config, architecture, consent for code, weight file headers."""
+    config = load_config(name_or_path, trust_remote_code)
+    source = resolve_source(name_or_path)
+    pruned_class(config, source, trust_remote_code)
+    check_weight_files(source)
+    return config
 
 
 def load_model(
@@ -92,35 +222,33 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     trust_remote_code: bool = False,
+    tokenizer: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load `(model, tokenizer)`; `smollm2-135m` is the embedded GGUF (offline), anything else goes to HF.
 
-    A saved folder without tokenizer files gives `tokenizer=None`. Folders written by llama-pruning
-    (their config names our modeling file in `auto_map`) load with their own code.
-
-    The architecture is checked before any weight is read, so an unsupported model fails in a second
-    with a one-line message.
+    A saved folder without tokenizer files (or `tokenizer=False`) gives `tokenizer=None`. Folders written
+    by llama-pruning load with this package's classes; other custom code runs only with `trust_remote_code`.
+    The architecture and weight files are checked before any weight is read, so a bad model fails in a
+    second with a one-line message.
     """
-    source = smollm2_hf_dir() if name_or_path == DEFAULT_MODEL else name_or_path
-    if name_or_path.startswith((".", "/", "~")) and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    from safetensors import SafetensorError
+
+    config = check_model(name_or_path, trust_remote_code)
+    source = resolve_source(name_or_path)
+    ours = pruned_class(config, source, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(
-            f"cannot load model {name_or_path!r} (not a local folder, and the hub said: {reason}); "
-            f"use an HF id, a local folder, or {DEFAULT_MODEL}"
-        ) from None
-    check_supported(config)
-    ours = "modeling_pruned." in str(getattr(config, "auto_map", {}).get("AutoModelForCausalLM", ""))
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code or ours
-    )
-    folder = Path(source)
-    has_tokenizer = not folder.is_dir() or any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
-    tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None
+        if ours is not None:
+            model = ours.from_pretrained(source, config=config, dtype=resolve_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype),
+                                                         trust_remote_code=trust_remote_code)
+        folder = Path(source)
+        has_tokenizer = tokenizer and (not folder.is_dir() or any(
+            (folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json")))
+        loaded = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code) if has_tokenizer else None
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"cannot read the weights of {name_or_path}: {_first_line(err)}") from None
     model.config.name_or_path = name_or_path
     model.to(device or default_device())
     model.eval()
-    return model, tokenizer
+    return model, loaded

@@ -1,4 +1,5 @@
-"""The run folder `prune_log/<name>/`: refusal to clobber, a timestamped training.log, description.txt."""
+"""The run folder `prune_log/<name>/`: refusal to clobber, swap-in when finished, a timestamped training.log,
+description.txt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from llama_pruning import atomic
 from llama_pruning.models.arch import ModelSpec
 
 LOGGER_NAME = "llama_pruning"
@@ -19,33 +21,67 @@ class RunExistsError(ValueError):
 
 
 class RunDir:
-    """Owns `root/name/`; everything the run prints also goes to `<YYYYMMDD_HHMMSS>/training.log`."""
+    """Owns `root/name/`; everything the run prints also goes to `<YYYYMMDD_HHMMSS>/training.log`.
+
+    The run writes into a temporary sibling (`path`) that `commit` swaps in place of `final` once every
+    output exists, so an earlier run of the same name survives any failing rerun. A failed run keeps only
+    its log, in `root/<name>.failed-<YYYYMMDD_HHMMSS>/`; a killed run leaves a temporary folder that the next
+    run in `root` removes (with a log line).
+    """
 
     def __init__(self, root: str | Path, name: str, overwrite: bool = False):
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"--save_ckpt_log_name must be a plain folder name, got {name!r}")
-        self.path = Path(root) / name
+        self.final = Path(root) / name
+        if self.final.exists() and not self.final.is_dir():
+            raise RunExistsError(f"{self.final} exists and is not a folder; choose another --save_ckpt_log_name")
         # a folder holding only timestamped logs is a run that failed early: reusing its name is fine
-        if self.path.exists() and any(not (p.is_dir() and p.name[:8].isdigit()) for p in self.path.iterdir()):
+        if self.final.is_dir() and any(not (p.is_dir() and p.name[:8].isdigit()) for p in self.final.iterdir()):
             if not overwrite:
                 raise RunExistsError(
-                    f"{self.path} already exists; choose another --save_ckpt_log_name or pass --overwrite"
+                    f"{self.final} already exists; choose another --save_ckpt_log_name or pass --overwrite"
                 )
-            for child in self.path.iterdir():
-                if not child.name.startswith("."):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
         self.stamp = time.strftime("%Y%m%d_%H%M%S")
+        cleaned: list[str] = []
+        atomic.remove_stale(root, cleaned.append)
+        self.path = atomic.temp_sibling(self.final, directory=True)
         self.log_dir = self.path / self.stamp
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir()
         self.logger = logging.getLogger(LOGGER_NAME)
         self.logger.setLevel(logging.INFO)
         self._handlers = [logging.FileHandler(self.log_dir / "training.log"), logging.StreamHandler(sys.stdout)]
         for handler in self._handlers:
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
             self.logger.addHandler(handler)
+        for line in cleaned:
+            self.log(line)
 
     def log(self, message: str) -> None:
         self.logger.info(message)
+
+    def check_space(self, needed_bytes: int) -> None:
+        """Refuse to go on when the disk cannot hold the new run next to the earlier one (kept until commit)."""
+        free = shutil.disk_usage(self.path).free
+        if free < needed_bytes:
+            raise OSError(f"not enough disk space in {self.path.parent}: the run needs about "
+                          f"{needed_bytes / 2**20:,.0f} MiB, {free / 2**20:,.0f} MiB are free")
+
+    def commit(self) -> None:
+        """Put the finished run in place of `final`; an earlier run there is deleted only now."""
+        atomic.replace(self.path, self.final)
+        self.path, self.log_dir = self.final, self.final / self.stamp
+
+    def fail(self) -> Path:
+        """Keep only the log of a failed run, out of the way in `root/<name>.failed-<stamp>/`; returns that folder."""
+        if self.path == self.final:  # already committed: the outputs are complete and stay
+            return self.final
+        for child in self.path.iterdir():
+            if child != self.log_dir:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        failed = self.final.parent / f"{self.final.name}.failed-{self.stamp}"
+        atomic.replace(self.path, failed)
+        self.path, self.log_dir = failed, failed / self.stamp
+        return failed
 
     def close(self) -> None:
         for handler in self._handlers:
@@ -73,7 +109,7 @@ def write_description(path: Path, args: argparse.Namespace, report: dict, spec: 
     """description.txt: arguments, model, parameters and block counts before/after, measured metrics."""
     before, after = block_counts(dense_layout(spec)), block_counts(layout)
     lines = ["# llama-pruning run", "", "## arguments"]
-    lines += [f"{key}: {value}" for key, value in sorted(vars(args).items()) if key != "func"]
+    lines += [f"{key}: {value}" for key, value in sorted(vars(args).items()) if key not in ("func", "run_path")]
     lines += ["", "## model", f"base_model: {args.base_model}", f"model_type: {spec.model_type}",
               f"query heads per KV head (kept in every layer): {spec.n_rep}", "", "## size"]
     pb, pa = report["params_before"], report["params_after"]
@@ -85,4 +121,4 @@ def write_description(path: Path, args: argparse.Namespace, report: dict, spec: 
     lines.append(f"removed layers (dense indices): {report['removed_layers']}")
     if metrics:
         lines += ["", "## metrics"] + [f"{key}: {value}" for key, value in metrics.items()]
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")

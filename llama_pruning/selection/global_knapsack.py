@@ -54,6 +54,14 @@ def _block_overhead(spec: ModelSpec, group_type: str) -> int:
     return spec.hidden_size * (1 + bias)
 
 
+def check_layer_range(num_layers: int, layer_start: int, layer_end: int | None) -> int:
+    """The end of the layer range (default: all layers); SelectionError unless 0 <= start < end <= num_layers."""
+    layer_end = num_layers if layer_end is None else layer_end
+    if not 0 <= layer_start < layer_end <= num_layers:
+        raise SelectionError(f"layer range [{layer_start}, {layer_end}) is not inside [0, {num_layers}]")
+    return layer_end
+
+
 def global_plan(
     model: nn.Module,
     table: pd.DataFrame,
@@ -74,9 +82,7 @@ def global_plan(
     spec = model_spec(model)
     if not 0 <= pruning_ratio < 1:
         raise SelectionError(f"--pruning_ratio must be in [0, 1), got {pruning_ratio}")
-    layer_end = spec.num_layers if layer_end is None else layer_end
-    if not 0 <= layer_start < layer_end <= spec.num_layers:
-        raise SelectionError(f"layer range [{layer_start}, {layer_end}) is not inside [0, {spec.num_layers}]")
+    layer_end = check_layer_range(spec.num_layers, layer_start, layer_end)
     if round_to < 1:
         raise SelectionError(f"--round_to must be >= 1, got {round_to}")
     groups = group_table(table, spec, normalization)

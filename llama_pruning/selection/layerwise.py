@@ -71,6 +71,15 @@ def allocate(units_total: int, weights: np.ndarray, caps: np.ndarray) -> np.ndar
     return whole
 
 
+def check_layer_counts(num_layers: int, remove_layers: int, freeze_top_n_layers: int) -> None:
+    """--remove_layers in [0, n) and --freeze_top_n_layers in [0, n - removed] (checked before any work)."""
+    if not 0 <= remove_layers < num_layers:
+        raise SelectionError(f"--remove_layers must be in [0, {num_layers}), got {remove_layers}")
+    if not 0 <= freeze_top_n_layers <= num_layers - remove_layers:
+        raise SelectionError(f"--freeze_top_n_layers must be in [0, {num_layers - remove_layers}], "
+                             f"got {freeze_top_n_layers}")
+
+
 def layerwise_plan(
     model: nn.Module,
     table: pd.DataFrame,
@@ -93,10 +102,7 @@ def layerwise_plan(
         raise SelectionError(f"need one layer score per layer ({n}), got {len(layer_scores)}")
     if not 0 <= pruning_ratio < 1:
         raise SelectionError(f"--pruning_ratio must be in [0, 1), got {pruning_ratio}")
-    if not 0 <= remove_layers < n:
-        raise SelectionError(f"--remove_layers must be in [0, {n}), got {remove_layers}")
-    if not 0 <= freeze_top_n_layers <= n - remove_layers:
-        raise SelectionError(f"--freeze_top_n_layers must be in [0, {n - remove_layers}], got {freeze_top_n_layers}")
+    check_layer_counts(n, remove_layers, freeze_top_n_layers)
     ranked = sorted(range(n), key=lambda i: (layer_scores[i], i))  # least important first
     deleted = set(ranked[:remove_layers])
     frozen = set(ranked[::-1][:freeze_top_n_layers])
