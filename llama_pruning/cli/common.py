@@ -178,6 +178,7 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     loaded, so a long run never fails at its end on bad input; returns the replayed plan, if any."""
     from llama_pruning.recovery.config import RecoveryConfig
 
+    RunDir.check(args.output_root, args.save_ckpt_log_name, args.overwrite)
     check_device(args.device)
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use

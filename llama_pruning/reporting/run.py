@@ -29,18 +29,21 @@ class RunDir:
     run in `root` removes (with a log line).
     """
 
-    def __init__(self, root: str | Path, name: str, overwrite: bool = False):
+    @staticmethod
+    def check(root: str | Path, name: str, overwrite: bool = False) -> Path:
+        """The run's final folder; ValueError for a bad name or one already used without `overwrite` (checked first)."""
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"--save_ckpt_log_name must be a plain folder name, got {name!r}")
-        self.final = Path(root) / name
-        if self.final.exists() and not self.final.is_dir():
-            raise RunExistsError(f"{self.final} exists and is not a folder; choose another --save_ckpt_log_name")
+        final = Path(root) / name
+        if final.exists() and not final.is_dir():
+            raise RunExistsError(f"{final} exists and is not a folder; choose another --save_ckpt_log_name")
         # a folder holding only timestamped logs is a run that failed early: reusing its name is fine
-        if self.final.is_dir() and any(not (p.is_dir() and p.name[:8].isdigit()) for p in self.final.iterdir()):
-            if not overwrite:
-                raise RunExistsError(
-                    f"{self.final} already exists; choose another --save_ckpt_log_name or pass --overwrite"
-                )
+        if final.is_dir() and not overwrite and any(not (p.is_dir() and p.name[:8].isdigit()) for p in final.iterdir()):
+            raise RunExistsError(f"{final} already exists; choose another --save_ckpt_log_name or pass --overwrite")
+        return final
+
+    def __init__(self, root: str | Path, name: str, overwrite: bool = False):
+        self.final = self.check(root, name, overwrite)
         self.stamp = time.strftime("%Y%m%d_%H%M%S")
         cleaned: list[str] = []
         atomic.remove_stale(root, cleaned.append)
