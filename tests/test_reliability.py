@@ -159,6 +159,19 @@ def test_unknown_modeling_file_never_runs(command, evil_dir, pruned_dir, tmp_pat
     assert not marker.exists() and not out.exists()
 
 
+def test_auto_map_alone_no_longer_turns_on_remote_code(evil_dir, tiny_dir, tmp_path):
+    """The probe's trigger: any config whose auto_map names modeling_pruned.* used to run that file on load."""
+    evil, marker = evil_dir
+    folder = tmp_path / "vanilla"
+    shutil.copytree(tiny_dir, folder)
+    shutil.copyfile(evil / MODELING_FILE, folder / MODELING_FILE)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_pruned.PrunedLlamaForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(str(folder), device="cpu")
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+
 def test_trust_remote_code_runs_the_folder_code(evil_dir):
     """The positive control: with consent the folder's own file is what runs (so the tests above can fail)."""
     folder, marker = evil_dir
@@ -415,7 +428,7 @@ def test_fuzz_plans_and_arguments_in_process(tiny_dir, tmp_path, capsys, monkeyp
         except PlanError as err:
             assert "\n" not in str(err)
             plans["refused"] += 1
-    monkeypatch.setattr(common, "RunDir", lambda *a, **k: (_ for _ in ()).throw(_Validated()))
+    monkeypatch.setattr(common.RunDir, "__init__", lambda *a, **k: (_ for _ in ()).throw(_Validated()))
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({**base, "base_model": str(tiny_dir)}))
     for _ in range(100):
