@@ -82,7 +82,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                    help=f"HF id, local folder, or {DEFAULT_MODEL} (the embedded default)")
     p.add_argument("--save_ckpt_log_name", default=default_name, help="run folder name under --output_root")
     p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
-    p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder, deleting its contents")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder, only once this run has finished")
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded and pruned in")

@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama_pruning.cli import eval_cmd, global_cmd, layer_cmd
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line on stderr (exit 2), like every other user error."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (--help lists the options)\n")
-
+from llama_pruning.cli import OneLineParser, eval_cmd, global_cmd, layer_cmd
 
 COMMANDS = {
     "global": (global_cmd, "global pruning: every unit in one table, importance/cost knapsack"),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from llama_pruning.cli.main import OneLineParser
+from llama_pruning.cli import OneLineParser
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.models.loading import check_model, load_model
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
