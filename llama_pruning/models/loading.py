@@ -94,11 +94,15 @@ def _cache_root() -> Path:
     return Path(os.environ.get("LLAMA_PRUNING_CACHE", Path.home() / ".cache" / "llama_pruning"))
 
 
+class _AlreadyThere(Exception):
+    """Another process converted the cache while this one did: its copy stays."""
+
+
 def smollm2_hf_dir() -> Path:
     """An HF-format copy of the dequantized SmolLM2 GGUF, converted once and cached (GGUF decoding is slow).
 
     The copy is written to a temporary folder and renamed into place, so an interrupted conversion
-    never leaves a half-written cache behind.
+    never leaves a half-written cache behind; the next conversion removes its temporary folder.
     """
     target = _cache_root() / "smollm2-135m-fp32"
     if (target / "config.json").is_file():
@@ -121,10 +125,6 @@ def smollm2_hf_dir() -> Path:
     except _AlreadyThere:
         pass
     return target
-
-
-class _AlreadyThere(Exception):
-    """Another process converted the cache while this one did: its copy stays."""
 
 
 def _first_line(err: BaseException) -> str:
