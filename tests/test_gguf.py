@@ -88,12 +88,12 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 
 def plan_for(model, attn: list[int], mlp: list[int], bias: bool = False) -> PruningPlan:
-    """Keep the first `attn[i]` groups and `mlp[i]` channels (spread out) of each layer."""
+    """Keep the first `attn[i]` groups and the last `mlp[i]` channels of each layer."""
     spec = model_spec(model)
     plan = PruningPlan.dense(spec, model.config.name_or_path)
     for i in range(spec.num_layers):
         plan.attn_groups[i] = list(range(0, spec.num_kv_heads))[: attn[i]]
-        plan.mlp_channels[i] = list(range(spec.intermediate_size))[1::2][: mlp[i]] if mlp[i] else []
+        plan.mlp_channels[i] = list(range(spec.intermediate_size - mlp[i], spec.intermediate_size))
     if bias:
         plan.bias_compensation = [True] * spec.num_layers
     return plan
@@ -268,3 +268,38 @@ def test_pruned_smollm2_generates_identically_in_llama_cpp(tmp_path, pruned_smol
     assert theirs == ours
     text = (data_dir / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:20000]
     assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text)["input_ids"]
+
+
+def test_export_gguf_command(tmp_path, capsys):
+    from llama_pruning.models.export import save_pruned_model
+
+    tokenizer = byte_level_tokenizer("llama-bpe")
+    model = tiny_model(vocab_size=len(tokenizer), intermediate=64, head_dim=16)
+    plan = plan_for(model, [4, 0, 3, 1], [32, 64, 0, 32])
+    apply_plan(model, plan)
+    save_pruned_model(model, tokenizer, tmp_path / "run", plan=plan)
+    assert main(["export-gguf", str(tmp_path / "run"), "--outtype", "q8_0"]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "run" / "model-q8_0.gguf"
+    assert f"wrote {path}" in out and "Q8_0" in out
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    assert reader.fields["deci.attention.head_count_kv"].contents() == [4, 0, 3, 1]
+    assert reader.fields["deci.feed_forward_length"].contents() == [32, 64, 32, 32]  # layer 2: zero stand-in
+    (tmp_path / "empty").mkdir()
+    assert main(["export-gguf", str(tmp_path / "empty")]) == 2
+    assert "no saved model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_save_gguf_on_pruning_command(tmp_path, data_dir):
+    code = main(["global", "--output_root", str(tmp_path), "--save_ckpt_log_name", "g", "--pruning_ratio", "0.1",
+                 "--reconstruct", "none", "--save_gguf", "--outtype", "q8_0", "--num_samples", "4", "--seq_len", "32",
+                 "--gradient_batch_size", "2", "--device", "cpu"])
+    assert code == 0
+    reader = gguf.GGUFReader(tmp_path / "g" / "model-q8_0.gguf")
+    widths = reader.fields["deci.feed_forward_length"].contents()
+    assert len(widths) == 30 and all(w % 32 == 0 for w in widths) and min(widths) < 1536  # --round_to became 32
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF
+    log = next((tmp_path / "g").glob("2*/training.log")).read_text()
+    assert "GGUF written to" in log and "Q8_0" in log
