@@ -135,7 +135,7 @@ def test_llama_cpp_logits_match(tmp_path, case):
     counts = export_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
     assert set(counts) == {"F32"}
     arch = gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents()
-    assert arch == ("llama" if case.endswith("uniform") or case == "qwen2-uniform-bias" else "deci")
+    assert arch == ("llama" if "-uniform" in case else "deci")
     ids = tokenizer(SAMPLE)["input_ids"][:40]
     assert relative_error(hf_logits(model, ids), llama_cpp_logits(tmp_path / "m.gguf", ids)) < 1e-3
 
@@ -230,8 +230,7 @@ def test_quantized_files_run_in_llama_cpp(tmp_path, outtype):
     assert sum(counts.values()) == len(gguf.GGUFReader(tmp_path / "m.gguf").tensors)
     ids = tokenizer(SAMPLE)["input_ids"][:40]
     ours, theirs = hf_logits(model, ids), llama_cpp_logits(tmp_path / "m.gguf", ids)
-    assert np.isfinite(theirs).all()
-    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() > 0.5
+    assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.9  # quantization noise only
 
 
 @pytest.fixture(scope="module")

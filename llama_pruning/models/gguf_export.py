@@ -17,6 +17,7 @@ so Q and K rows (and biases) are permuted per head, with each layer's own head c
 
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 from collections import Counter
@@ -304,7 +305,7 @@ def _llama_cpp_quantize(write: Callable[[Path], None], target: Path, outtype: st
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{outtype.upper()}")
         params.nthread = 1
-        rc = llama_cpp.llama_model_quantize(f32.encode(), str(target).encode(), params)
+        rc = llama_cpp.llama_model_quantize(f32.encode(), str(target).encode(), ctypes.byref(params))
         if rc != 0:
             raise GGUFExportError(f"llama.cpp's quantizer failed ({rc}) on {outtype}")
     finally:
