@@ -16,6 +16,7 @@ docs/RESULTS.md; `HF PPL` is our float32 model on the same windows.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -31,7 +32,7 @@ from llama_pruning.data import load_text, split_windows, tokenize_text
 from llama_pruning.evaluation.ppl import window_perplexity
 from llama_pruning.evaluation.speed import model_profile
 from llama_pruning.models import DEFAULT_MODEL, load_model
-from llama_pruning.models.gguf_export import LLAMA_CPP_TYPES
+from llama_pruning.models.gguf_export import LLAMA_CPP_TYPES, tensor_type_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 POINTS = {"P20": 0.158, "P30": 0.2369}
@@ -102,65 +103,76 @@ def prefill_macs(model, length: int) -> float:
     return profile["linear_macs_per_token"] + profile["attention_macs_per_token"] / length * (length + 1) / 2
 
 
+def export(folder: str, name: str, outtype: str, runs: Path) -> dict:
+    """The GGUF file of one model and type (reused when already in --runs): path, MiB, tensors per type."""
+    out = runs / f"{name}-{outtype}.gguf"
+    path, counts = (out, tensor_type_counts(out)) if out.is_file() else export_saved_model(
+        folder, outtype, out, allow_fallback=outtype in LLAMA_CPP_TYPES)
+    print(f"{name} {outtype}: {path.stat().st_size / 2**20:.1f} MiB, {format_counts(counts)}", flush=True)
+    return {"path": str(path), "mib": path.stat().st_size / 2**20, "counts": counts}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "prune_log" / "bench_gguf")
+    parser.add_argument("--runs", type=Path, default=ROOT / "prune_log" / "bench_gguf",
+                        help="pruned models, GGUF files and the rows measured so far (rerun per point to add rows)")
+    parser.add_argument("--points", default="P20,P30")
     parser.add_argument("--types", default="f16,q8_0,q4_1,q4_k_m")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ppl_windows", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results_gguf.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    types = args.types.split(",")
-    folders = {"dense": DEFAULT_MODEL, **{name: str(prune(args.runs, name, r)) for name, r in POINTS.items()}}
+    store = args.runs / "gguf_rows.json"
+    rows = json.loads(store.read_text()) if store.is_file() else []
     dense_model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
-    text = load_text("wikitext2", "evaluation").text
-    windows = split_windows(tokenize_text(tokenizer, text), PROMPT, args.ppl_windows)
-    hf = {}
-    for name, folder in folders.items():
-        model = dense_model if name == "dense" else load_model(folder, device="cpu")[0]
-        hf[name] = {"ppl": window_perplexity(model, windows, desc=f"HF {name}"), "macs": prefill_macs(model, PROMPT)}
-    rows = []
-    for outtype in types:
-        files = {}
-        for name, folder in folders.items():
-            out = args.runs / f"{name}-{outtype}.gguf"
-            path, counts = export_saved_model(folder, outtype, out, allow_fallback=outtype in LLAMA_CPP_TYPES)
-            files[name] = (path, counts)
-            print(f"{name} {outtype}: {path.stat().st_size / 2**20:.1f} MiB, {format_counts(counts)}", flush=True)
-        ppl = {name: llama_cpp_ppl(path, windows) for name, (path, _) in files.items()}
-        for name in POINTS:
-            speed = paired_speed(files[name][0], files["dense"][0], windows[0].tolist(), args.repeats)
-            rows.append({"type": outtype, "model": name, "files": files, "ppl": ppl, "speed": speed})
-            print(rows[-1]["speed"], ppl, flush=True)
-    args.out.write_text(report(rows, hf, args))
+    windows = split_windows(tokenize_text(tokenizer, load_text("wikitext2", "evaluation").text), PROMPT, args.ppl_windows)
+    dense_hf = {"ppl": window_perplexity(dense_model, windows, desc="HF dense"), "macs": prefill_macs(dense_model, PROMPT)}
+    for name in args.points.split(","):
+        folder = str(prune(args.runs, name, POINTS[name]))
+        model = load_model(folder, device="cpu")[0]
+        hf = {"dense": dense_hf, name: {"ppl": window_perplexity(model, windows, desc=f"HF {name}"),
+                                        "macs": prefill_macs(model, PROMPT)}}
+        for outtype in args.types.split(","):
+            files = {"dense": export(DEFAULT_MODEL, "dense", outtype, args.runs), name: export(folder, name, outtype, args.runs)}
+            ppl = {who: llama_cpp_ppl(Path(f["path"]), windows) for who, f in files.items()}
+            speed = paired_speed(Path(files[name]["path"]), Path(files["dense"]["path"]), windows[0].tolist(), args.repeats)
+            row = {"type": outtype, "model": name, "files": files, "ppl": ppl, "speed": speed, "hf": hf,
+                   "ppl_windows": args.ppl_windows, "repeats": args.repeats, "load": os.getloadavg()[0]}
+            rows = [r for r in rows if (r["type"], r["model"]) != (outtype, name)] + [row]
+            store.write_text(json.dumps(rows, indent=1))
+            print(row["speed"], ppl, flush=True)
+    args.out.write_text(report(rows))
     print(f"written {args.out}")
 
 
-def report(rows: list[dict], hf: dict, args: argparse.Namespace) -> str:
-    load = os.getloadavg()[0]
+def report(rows: list[dict]) -> str:
+    """The markdown table: each pruned row next to the dense file timed in the same process."""
+    loads = [r["load"] for r in rows]
     lines = [
         "# GGUF benchmark: pruned SmolLM2-135M in llama.cpp", "",
         "`python -m bench.gguf` (" + __doc__.split("\n\n")[2].strip().replace("\n", " ") + ")", "",
-        f"Machine: {os.cpu_count()} CPU cores, load average {load:.1f} at the end of the run (shared machine: "
-        "absolute speeds are noisy, the paired ratios less so). llama.cpp single-threaded. PPL windows: "
-        f"{args.ppl_windows} x 128 tokens.", "",
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs, load average {min(loads):.1f}-{max(loads):.1f} "
+        "during the rows (absolute speeds are noisy, the paired ratios less so). llama.cpp single-threaded. "
+        f"PPL windows: {sorted({r['ppl_windows'] for r in rows})} x 128 tokens; best of {sorted({r['repeats'] for r in rows})} "
+        "timed runs.", "",
         "| type | model | file MiB | tensors per type | prefill tok/s | decode tok/s | prefill speed-up | MACs ratio "
-        "| target (>= 0.9 x MACs) | llama.cpp PPL | HF float32 PPL | PPL vs HF |",
+        "| >= 0.9 x MACs | llama.cpp PPL | HF float32 PPL | PPL vs HF |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in rows:
-        t, name, files, speed = row["type"], row["model"], row["files"], row["speed"]
+    order = {t: i for i, t in enumerate(dict.fromkeys(r["type"] for r in rows))}
+    for row in sorted(rows, key=lambda r: (order[r["type"]], r["model"])):
+        name, speed, hf = row["model"], row["speed"], row["hf"]
         macs = hf["dense"]["macs"] / hf[name]["macs"]
         speedup = speed["dense"][0] / speed["pruned"][0]
         for who, key in (("dense", "dense"), (name, "pruned")):
-            path, counts = files[who]
-            target = "" if who == "dense" else ("met" if speedup >= 0.9 * macs else "NOT met")
+            f = row["files"][who]
+            pruned = who != "dense"
             lines.append(
-                f"| {t} | {who} | {path.stat().st_size / 2**20:.1f} | {format_counts(counts)} "
-                f"| {PROMPT / speed[key][0]:.0f} | {1 / speed[key][1]:.1f} | {'' if who == 'dense' else f'{speedup:.2f}'} "
-                f"| {'' if who == 'dense' else f'{macs:.3f}'} | {target} | {row['ppl'][who]:.2f} | {hf[who]['ppl']:.2f} "
-                f"| {row['ppl'][who] / hf[who]['ppl'] - 1:+.2%} |")
+                f"| {row['type']} | {who} | {f['mib']:.1f} | {format_counts(f['counts'])} | {PROMPT / speed[key][0]:.0f} "
+                f"| {1 / speed[key][1]:.1f} | {f'{speedup:.2f}' if pruned else ''} | {f'{macs:.3f}' if pruned else ''} "
+                f"| {('yes' if speedup >= 0.9 * macs else 'no') if pruned else ''} | {row['ppl'][who]:.2f} "
+                f"| {hf[who]['ppl']:.2f} | {row['ppl'][who] / hf[who]['ppl'] - 1:+.2%} |")
     return "\n".join(lines) + "\n"
 
 
