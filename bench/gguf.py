@@ -7,7 +7,7 @@ P20 / P30 = `global --pruning_ratio 0.158 / 0.2369 --reconstruct lsq --round_to 
 bench/quality.py, MLP widths rounded for 32-element quant blocks), pruned into --runs when missing.
 Each type is exported for the dense and the pruned model (k-quants with --allow_fallback: the tensor
 counts show what fell back). Speed: llama.cpp through llama-cpp-python, single-threaded, prefill of one
-128-token wikitext-2 window and 32 single-token decode steps after it; the pruned and the dense file are
+128-token wikitext-2 window and 32 single-token decode steps over the next window's tokens; the pruned and the dense file are
 loaded in the same process and timed alternately, best of --repeats. PPL: llama.cpp's logits (default
 F16 KV cache) on the first --ppl_windows windows of 128 tokens of wiki.test.raw, the protocol of
 docs/RESULTS.md; `HF PPL` is our float32 model on the same windows.
@@ -57,27 +57,25 @@ def llama(path: Path, logits_all: bool = False):
                            logits_all=logits_all, verbose=False)
 
 
-def timings(llm, prompt: list[int]) -> tuple[float, float]:
-    """(prefill seconds for the prompt, seconds per decode step) of one run."""
+def timings(llm, prompt: list[int], continuation: list[int]) -> tuple[float, float]:
+    """(prefill seconds for the prompt, seconds per single-token decode step over `continuation`) of one run."""
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - start
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     start = time.perf_counter()
-    for _ in range(DECODE):
+    for token in continuation:
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return prefill, (time.perf_counter() - start) / DECODE
+    return prefill, (time.perf_counter() - start) / len(continuation)
 
 
-def paired_speed(pruned: Path, dense: Path, prompt: list[int], repeats: int) -> dict:
+def paired_speed(pruned: Path, dense: Path, tokens: list[int], repeats: int) -> dict:
     """Best prefill / decode times of both files, measured alternately in this process."""
     models = {"pruned": llama(pruned), "dense": llama(dense)}
     best = {k: [math.inf, math.inf] for k in models}
     for _ in range(repeats):
         for key, llm in models.items():
-            p, d = timings(llm, prompt)
+            p, d = timings(llm, tokens[:PROMPT], tokens[PROMPT:PROMPT + DECODE])
             best[key] = [min(best[key][0], p), min(best[key][1], d)]
     return best
 
@@ -127,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = json.loads(store.read_text()) if store.is_file() else []
     dense_model, tokenizer = load_model(DEFAULT_MODEL, device="cpu")
     windows = split_windows(tokenize_text(tokenizer, load_text("wikitext2", "evaluation").text), PROMPT, args.ppl_windows)
+    tokens = windows[:2].flatten().tolist()  # prompt, then the decoded continuation
     dense_hf = {"ppl": window_perplexity(dense_model, windows, desc="HF dense"), "macs": prefill_macs(dense_model, PROMPT)}
     for name in args.points.split(","):
         folder = str(prune(args.runs, name, POINTS[name]))
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         for outtype in args.types.split(","):
             files = {"dense": export(DEFAULT_MODEL, "dense", outtype, args.runs), name: export(folder, name, outtype, args.runs)}
             ppl = {who: llama_cpp_ppl(Path(f["path"]), windows) for who, f in files.items()}
-            speed = paired_speed(Path(files[name]["path"]), Path(files["dense"]["path"]), windows[0].tolist(), args.repeats)
+            speed = paired_speed(Path(files[name]["path"]), Path(files["dense"]["path"]), tokens, args.repeats)
             row = {"type": outtype, "model": name, "files": files, "ppl": ppl, "speed": speed, "hf": hf,
                    "ppl_windows": args.ppl_windows, "repeats": args.repeats, "load": os.getloadavg()[0]}
             rows = [r for r in rows if (r["type"], r["model"]) != (outtype, name)] + [row]
