@@ -30,11 +30,12 @@ def tiny_model(
     seed: int = 0,
     tie: bool = False,
     hidden: int | None = None,
+    vocab_size: int = 97,
 ):
     """A randomly initialised model of the given family; `bias` adds q/k/v(/o) biases where the family allows."""
     torch.manual_seed(seed)
     kwargs = dict(
-        vocab_size=97,
+        vocab_size=vocab_size,
         hidden_size=hidden or kv_heads * n_rep * head_dim,
         intermediate_size=intermediate,
         num_hidden_layers=layers,

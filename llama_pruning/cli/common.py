@@ -74,6 +74,7 @@ def positive_int(text: str) -> int:
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
     from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
+    from llama_pruning.models.gguf_export import OUTTYPES
     from llama_pruning.reconstruct import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
@@ -105,7 +106,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--importance_cache", default=None,
                    help="importance cache folder (default: <output_root>/.importance_cache; 'none' disables)")
     p = parser.add_argument_group("cutting")
-    p.add_argument("--round_to", type=positive_int, default=1, help="keep each MLP width a multiple of N (8/64 help GPUs)")
+    p.add_argument("--round_to", type=positive_int, default=None,
+                   help="keep each MLP width a multiple of N (8/64 help GPUs; default 1, or the GGUF block with --save_gguf: "
+                        "32, 256 for k-quants)")
     p.add_argument("--reconstruct", choices=MODES, default="lsq",
                    help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
     p.add_argument("--reconstruct_ridge", type=non_negative, default=DEFAULT_RIDGE,
@@ -123,6 +126,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--save_model", action="store_true", help="save the pruned model (HF format) in the run folder")
     p.add_argument("--save_dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the saved weights (default: as pruned)")
+    p.add_argument("--save_gguf", action="store_true",
+                   help="also write the pruned model as model-<outtype>.gguf for llama.cpp / Ollama in the run folder")
+    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the --save_gguf file")
     add_recovery_arguments(parser)
 
 
@@ -200,6 +206,21 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     return plan
 
 
+def prepare_gguf(args: argparse.Namespace) -> None:
+    """Check --outtype before any work and default --round_to to its quant block (32; 256 for k-quants) with --save_gguf."""
+    from llama_pruning.models.gguf_export import check_outtype, quant_block
+
+    if not args.save_gguf:
+        args.round_to = args.round_to or 1
+        return
+    check_outtype(args.outtype)
+    block = quant_block(args.outtype)
+    args.round_to = args.round_to or max(block, 32)
+    if args.round_to % block:
+        raise ValueError(f"--outtype {args.outtype} stores weights in blocks of {block}: use a --round_to that is a multiple "
+                         f"of {block} (got {args.round_to})")
+
+
 def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: Check | None = None) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
@@ -211,6 +232,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
+    prepare_gguf(args)
     seed_everything(args.seed)
     replayed = check_inputs(args, check)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
@@ -320,4 +342,12 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
         save_pruned_model(model, tokenizer, path, plan=plan, dtype=args.save_dtype)
         run.log(f"model saved in {run.final} (load it with llama_pruning.models.load_model; "
                 "plain transformers: see README, Safety)")
+    if args.save_gguf:
+        from llama_pruning.cli.gguf_cmd import format_counts, source_gguf
+        from llama_pruning.models.gguf_export import export_gguf
+
+        gguf_path = path / f"model-{args.outtype}.gguf"
+        counts = export_gguf(model, tokenizer, gguf_path, args.outtype, source_gguf=source_gguf(args.base_model), dense_spec=spec)
+        run.log(f"GGUF written to {run.final / gguf_path.name} ({gguf_path.stat().st_size / 2**20:.1f} MiB): "
+                f"tensors {format_counts(counts)}")
 

@@ -1,16 +1,17 @@
-"""`llama-pruning {global,layer,eval}`: one entry point; user errors print one line, never a traceback."""
+"""`llama-pruning {global,layer,eval,export-gguf}`: one entry point; user errors print one line, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from llama_pruning.cli import OneLineParser, eval_cmd, global_cmd, layer_cmd
+from llama_pruning.cli import OneLineParser, eval_cmd, gguf_cmd, global_cmd, layer_cmd
 
 COMMANDS = {
     "global": (global_cmd, "global pruning: every unit in one table, importance/cost knapsack"),
     "layer": (layer_cmd, "layer-wise pruning: per-layer ratios from layer importance"),
     "eval": (eval_cmd, "parameters, MACs, speed and memory of a saved model next to its dense base"),
+    "export-gguf": (gguf_cmd, "write a saved (pruned) model as a GGUF file for llama.cpp / Ollama"),
 }
 
 
