@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llama_pruning.evaluation.speed import peak_rss_bytes
-from llama_pruning.models.arch import count_params, model_spec
+from llama_pruning.models.arch import check_supported, count_params, model_spec
 from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_model
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
 from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
@@ -74,8 +74,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder, deleting its contents")
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model is loaded and pruned in")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded and pruned in (auto: the checkpoint's own on cuda, float32 on cpu)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="read only the model's config, print the projected peak memory per phase and the flags that "
+                        "make it fit the device, then stop (exit 2 when it does not fit)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
     p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
     p = parser.add_argument_group("importance")
@@ -133,12 +136,33 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
     from llama_pruning.importance import cached_importance, compute_importance
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
-                  gradient_checkpointing=args.gradient_checkpointing, taylor_2nd_variant=args.taylor_2nd_variant)
+                  taylor_2nd_variant=args.taylor_2nd_variant)
     cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
     if cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
     key = {"dataset": args.dataset, "seed": args.seed}
     return cached_importance(model, samples, args.importance_method, cache, key_fields=key, **kwargs)
+
+
+def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
+    """The memory model's projection for this command's model, dtype, device and flags (llama_pruning/memory.py)."""
+    from transformers import AutoConfig
+
+    from llama_pruning import memory
+    from llama_pruning.models.loading import DEFAULT_MODEL, pick_dtype, smollm2_hf_dir
+    from llama_pruning.reconstruct import DEFAULT_SAMPLES
+
+    if args.base_model.startswith((".", "/", "~")) and not Path(args.base_model).expanduser().exists():
+        raise FileNotFoundError(f"model folder not found: {args.base_model}")
+    config = AutoConfig.from_pretrained(smollm2_hf_dir() if args.base_model == DEFAULT_MODEL else args.base_model)
+    check_supported(config)
+    dtype = pick_dtype(args.dtype, args.device)
+    work = memory.Workload(
+        dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
+        seq_len=args.seq_len, batch_size=args.gradient_batch_size,
+        reconstruct_samples=args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples),
+        importance=args.importance_method, reconstruct=args.reconstruct)
+    return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
 
 def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
@@ -152,6 +176,10 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
         raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
+    if args.dry_run:
+        text, fits = memory_projection(args)
+        print(text)
+        return 0 if fits else 2
     seed_everything(args.seed)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
     log = run.log
@@ -159,6 +187,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
     try:
         log(f"{title}: run folder {run.path}")
         started = time.perf_counter()
+        log(memory_projection(args)[0])
         model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device)
         spec = model_spec(model)
         log(f"loaded {args.base_model}: {spec.model_type}, {spec.num_layers} layers, {spec.num_heads} query / "

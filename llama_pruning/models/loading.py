@@ -33,6 +33,13 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return _DTYPES[dtype]
 
 
+def pick_dtype(dtype: str | torch.dtype, device: str | None) -> str | torch.dtype:
+    """`auto`: the checkpoint's own dtype on a GPU, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    if dtype == "auto" and not str(device or default_device()).startswith("cuda"):
+        return "float32"
+    return dtype
+
+
 def default_device() -> str:
     """cuda when available, else cpu: the default of every command, never hard-coded."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,6 +105,7 @@ def load_model(
     A saved folder without tokenizer files gives `tokenizer=None`. Folders written by llama-pruning
     (their config names our modeling file in `auto_map`) load with their own code.
 
+    `dtype="auto"` loads the checkpoint's own dtype on cuda and float32 on cpu.
     The architecture is checked before any weight is read, so an unsupported model fails in a second
     with a one-line message.
     """
@@ -115,7 +123,7 @@ def load_model(
     check_supported(config)
     ours = "modeling_pruned." in str(getattr(config, "auto_map", {}).get("AutoModelForCausalLM", ""))
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code or ours
+        source, dtype=resolve_dtype(pick_dtype(dtype, device)), trust_remote_code=trust_remote_code or ours
     )
     folder = Path(source)
     has_tokenizer = not folder.is_dir() or any((folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json"))
