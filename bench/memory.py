@@ -17,6 +17,8 @@ made by the analytic model, whose terms are checked against the measurements. Us
 
     python bench/memory.py run --layers 1 2 4        # one subprocess at a time, appends to bench/memory_runs.jsonl
     python bench/memory.py report                    # writes bench/results_memory.md and .json
+    python bench/memory.py phases --layer_count 32 --device cuda --dtype bfloat16 --memory_limit_gib 24 \\
+        --num_samples 64 --reconstruct_samples 256 --batch_size 4   # the GPU check (bench/cuda_check.sh MEMORY=1)
 """
 
 from __future__ import annotations
@@ -58,27 +60,36 @@ def live_tensor_bytes() -> int:
 
 
 @contextmanager
-def measured(name: str, results: dict):
-    """Record the phase's peak live tensor bytes and peak RSS into `results[name]`."""
+def measured(name: str, results: dict, device: str = "cpu"):
+    """Record the phase's peak live tensor bytes and peak RSS into `results[name]` (cuda: the allocator's peak)."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
-    entry = live_tensor_bytes()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    entry = torch.cuda.memory_allocated() if cuda else live_tensor_bytes()
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    if cuda:
         yield
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - entry
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield
+        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        balance = peak = 0
+        for event in events:
+            balance += event.nbytes()
+            peak = max(peak, balance)
     seconds = time.perf_counter() - start
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    balance = peak = 0
-    for event in events:
-        balance += event.nbytes()
-        peak = max(peak, balance)
     results[name] = {"live_peak_bytes": entry + peak, "entry_bytes": entry, "rss_peak_bytes": _status_kib("VmHWM") * 1024,
                      "seconds": round(seconds, 1)}
     print(f"{name}: live peak {(entry + peak) / GIB:.2f} GiB (entry {entry / GIB:.2f}), "
-          f"RSS peak {_status_kib('VmHWM') / 2**20:.2f} GiB, {seconds:.0f} s", flush=True)
+          f"RSS peak {_status_kib('VmHWM') / 2**20:.2f} GiB, {seconds:.0f} s", file=sys.stderr, flush=True)
 
 
 def llama3_config(width: str, layers: int):
@@ -94,7 +105,7 @@ def llama3_config(width: str, layers: int):
                        tie_word_embeddings=False)
 
 
-def write_random_model(width: str, layers: int, dtype: torch.dtype, folder: Path) -> None:
+def write_random_model(width: str, layers: int, dtype: torch.dtype, folder: Path, device: str = "cpu") -> None:
     """Random weights (normal 0.02, norms 1) built on the meta device and materialised once, in `dtype`.
 
     The rotary buffers left empty by `to_empty` are not saved: loading recomputes them."""
@@ -103,8 +114,8 @@ def write_random_model(width: str, layers: int, dtype: torch.dtype, folder: Path
     config = llama3_config(width, layers)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(dtype)
-    generator = torch.Generator().manual_seed(0)
+    model = model.to(dtype).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -124,24 +135,30 @@ def run_phases(args: argparse.Namespace) -> dict:
     from llama_pruning.selection import global_plan
 
     torch.set_num_threads(1)
+    dtype, device = getattr(torch, args.dtype), args.device
+    if args.memory_limit_gib:  # e.g. 24: behave like a 24 GB card on a bigger one
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * GIB / total), torch.device(device))
     results: dict = {}
     folder = Path(args.workdir) / "model"
-    write_random_model(args.width, args.layer_count, torch.float32, folder)
+    write_random_model(args.width, args.layer_count, dtype, folder, device)
     gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     vocab = llama3_config(args.width, 1).vocab_size
     generator = torch.Generator().manual_seed(0)
     samples = torch.randint(0, vocab, (args.num_samples, args.seq_len), generator=generator)
     recon = torch.randint(0, vocab, (args.reconstruct_samples, args.seq_len), generator=generator)
-    with measured("load", results):
-        model, _ = load_model(str(folder), dtype="float32", device="cpu")
-    with measured("taylor", results):
+    with measured("load", results, device):
+        model, _ = load_model(str(folder), dtype=args.dtype, device=device)
+    with measured("taylor", results, device):
         table = compute_importance(model, samples, "taylor", gradient_batch_size=args.batch_size, progress=False)
-    with measured("selection", results):
+    with measured("selection", results, device):
         plan, _ = global_plan(model, table, 0.2)
     del table
-    with measured("lsq", results):
+    with measured("lsq", results, device):
         prune_with_reconstruction(model, plan, recon, mode="lsq", batch_size=args.batch_size, progress=False)
-    with measured("save", results):
+    with measured("save", results, device):
         save_pruned_model(model, None, Path(args.workdir) / "pruned", plan=model.pruning_plan)
     return results
 
@@ -167,10 +184,98 @@ def main_run(args: argparse.Namespace) -> None:
 
 def main_phases(args: argparse.Namespace) -> None:
     results = run_phases(args)
-    record = {"width": args.width, "layers": args.layer_count, "dtype": "float32", "num_samples": args.num_samples,
+    record = {"width": args.width, "layers": args.layer_count, "dtype": args.dtype, "device": args.device,
+              "memory_limit_gib": args.memory_limit_gib, "num_samples": args.num_samples,
               "seq_len": args.seq_len, "reconstruct_samples": args.reconstruct_samples, "batch_size": args.batch_size,
               "load_avg": os.getloadavg()[0], "phases": results}
     print(json.dumps(record))
+
+
+def _fit(ks: list[int], values: list[float]) -> tuple[float, float]:
+    """Least-squares a, b of value = a + b*k."""
+    mean_k, mean_v = sum(ks) / len(ks), sum(values) / len(values)
+    b = sum((k - mean_k) * (v - mean_v) for k, v in zip(ks, values, strict=True)) / sum((k - mean_k) ** 2 for k in ks)
+    return mean_v - b * mean_k, b
+
+
+def _model_peaks(width: str, layers: int, work) -> dict[str, float]:
+    from llama_pruning.memory import SHAPES, phase_peaks
+
+    peaks = phase_peaks({**SHAPES[width], "num_hidden_layers": layers}, work)
+    return {"load": peaks["load"], "taylor": peaks["importance"], "selection": peaks["selection"],
+            "lsq": peaks["reconstruction"], "save": peaks["save"]}
+
+
+def write_report() -> None:
+    """Fit the measured runs, compare with the analytic model, project; write results_memory.md / .json."""
+    from llama_pruning.memory import SHAPES, Workload
+
+    runs = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    runs = [r for r in runs if r.get("device", "cpu") == "cpu"]
+    runs = sorted({(r["width"], r["layers"]): r for r in runs}.values(), key=lambda r: (r["width"], r["layers"]))
+    small = runs[0]
+    measured_work = Workload(dtype="float32", num_samples=small["num_samples"], seq_len=small["seq_len"],
+                             batch_size=small["batch_size"], reconstruct_samples=small["reconstruct_samples"])
+    ks = [r["layers"] for r in runs if r["width"] == "8b"]
+    lines = ["# Peak memory per phase of the default global command (taylor + lsq), Llama-3 shapes", "",
+             "Generated by `python bench/memory.py report` from `bench/memory_runs.jsonl` (`python bench/memory.py run`).",
+             f"Measured on CPU in float32 with {small['num_samples']} x {small['seq_len']} calibration tokens for Taylor and "
+             f"{small['reconstruct_samples']} x {small['seq_len']} for the lsq solve, micro-batch {small['batch_size']}, "
+             "pruning ratio 0.2, random weights with the exact Llama-3-8B layer shape (hidden 4096, 32/8 heads of 128, "
+             "MLP 14336, vocab 128256, untied) and k decoder layers. Machine: 2 shared cores, load average "
+             + ", ".join(f"{r['load_avg']:.1f}" for r in runs) + " during the runs (times are only indicative).", "",
+             "*live* = bytes of the tensors alive at the phase start (walking the garbage collector, each storage once) + "
+             "the highest running balance of the CPU allocator during the phase (torch profiler, `profile_memory=True`): "
+             "what the phase needs on its device. *RSS* = the process's peak resident set during the phase (VmHWM reset "
+             "at the phase start); it can be below *live* because safetensors weights are memory-mapped and paged in lazily. "
+             "*model* = `llama_pruning.memory.phase_peaks` (what `--dry_run` prints) for the same setting.", "",
+             "| k | phase | live GiB | model GiB | RSS GiB | seconds |", "|---|---|---|---|---|---|"]
+    result: dict = {"measured": runs, "unit": "GiB (2**30 bytes)"}
+    fits = {}
+    for phase in PHASES:
+        values = [r["phases"][phase]["live_peak_bytes"] / GIB for r in runs if r["width"] == "8b"]
+        fits[phase] = _fit(ks, values)
+    for r in runs:
+        model = _model_peaks(r["width"], r["layers"], measured_work)
+        for phase in PHASES:
+            m = r["phases"][phase]
+            lines.append(f"| {r['layers']} | {phase} | {m['live_peak_bytes'] / GIB:.2f} | {model[phase] / GIB:.2f} | "
+                         f"{m['rss_peak_bytes'] / GIB:.2f} | {m['seconds']:.0f} |")
+    lines += ["", f"## Fit live = a + b*k (k = {', '.join(map(str, ks))}) and projection to 32 layers, same setting "
+              "(float32, few tokens)", "", "| phase | a GiB | b GiB/layer | measured fit at 32 | model at 32 |",
+              "|---|---|---|---|---|"]
+    model32 = _model_peaks("8b", 32, measured_work)
+    result["fit_8b_float32_measured_setting"] = {}
+    for phase, (a, b) in fits.items():
+        lines.append(f"| {phase} | {a:.2f} | {b:.3f} | {a + 32 * b:.2f} | {model32[phase] / GIB:.2f} |")
+        result["fit_8b_float32_measured_setting"][phase] = {"a": round(a, 3), "b": round(b, 4),
+                                                             "at_32": round(a + 32 * b, 2)}
+    default = Workload()
+    projections = {}
+    for width in ("8b", "70b"):
+        projections[width] = {p: v / GIB for p, v in _model_peaks(width, SHAPES[width]["num_hidden_layers"],
+                                                                  default).items()}
+    lines += ["", "## Projection at the defaults, bfloat16 (64 x 128 Taylor tokens, 256 x 128 lsq tokens, micro-batch 4)",
+              "", "The measured setting differs from the default in dtype and token count, so the projection is the "
+              "analytic model's, whose terms are the ones checked above: it is an upper bound of every measured "
+              "phase (it counts the lsq solve as if no column were removed). Token-proportional terms, scaled "
+              "explicitly by the model: Taylor keeps (layers + 1) x tokens x hidden values in the model dtype "
+              "(2.1 GiB for Llama-3-8B bf16 at 64 x 128), lsq keeps 2 x tokens x hidden (0.5 GiB at 256 x 128).", "",
+              "| phase | Llama-3-8B (32 layers) GiB | 70B width (80 layers) GiB |", "|---|---|---|"]
+    for phase in PHASES:
+        lines.append(f"| {phase} | {projections['8b'][phase]:.2f} | {projections['70b'][phase]:.2f} |")
+    peak8, peak70 = max(projections["8b"].values()), max(projections["70b"].values())
+    lines += [f"| **peak** | **{peak8:.2f} ({peak8 * GIB / 1e9:.1f} GB)** | **{peak70:.2f} ({peak70 * GIB / 1e9:.1f} GB)** |",
+              "", "70B width was not measured here: its weights alone (k = 1: 5.9 GB in bf16, 11.8 GB in float32) plus "
+              "its float64 MLP Gram (6.1 GiB) exceed what one process may take on this shared 24 GB machine, and bf16 "
+              "matmuls are ~100x slower than float32 on this CPU. Its projection uses the same model.", ""]
+    result["llama3_8b_projected_peak_gib"] = round(peak8, 2)
+    result["llama3_8b_projected_per_phase_gib"] = {p: round(v, 2) for p, v in projections["8b"].items()}
+    result["llama3_70b_projected_peak_gib"] = round(peak70, 2)
+    result["llama3_70b_projected_per_phase_gib"] = {p: round(v, 2) for p, v in projections["70b"].items()}
+    (HERE / "results_memory.md").write_text("\n".join(lines))
+    (HERE / "results_memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
@@ -188,6 +293,9 @@ def main() -> None:
             p.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
         else:
             p.add_argument("--layer_count", type=int, required=True)
+            p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+            p.add_argument("--device", default="cpu")
+            p.add_argument("--memory_limit_gib", type=float, default=0, help="cuda: cap the process at this many GiB")
     sub.add_parser("report")
     args = parser.parse_args()
     if args.command == "run":
@@ -195,9 +303,7 @@ def main() -> None:
     elif args.command == "phases":
         main_phases(args)
     else:
-        from bench.memory_report import write_report
-
-        write_report(RUNS, HERE / "results_memory.md", HERE / "results_memory.json")
+        write_report()
 
 
 if __name__ == "__main__":
