@@ -10,6 +10,9 @@ Per phase it reports:
   during the phase (every allocation and free, from torch's profiler with `profile_memory=True`);
 - peak RSS of the process during the phase (VmHWM, reset at the phase start through /proc/self/clear_refs).
 
+On CPU the loaded weights are copied once into allocator-owned memory (as a GPU load does): safetensors
+hands out memory-mapped tensors, whose later frees (surgery replaces cut weights) the allocator never sees.
+
 `report` fits peak = a + b*k per phase and compares with `llama_pruning.memory` (the analytic model that
 `--dry_run` uses) before projecting to 32 layers. CPU runs use float32 and few calibration windows (bf16
 matmuls are ~100x slower on this CPU); the projection to bf16 and to the default 64 x 128 / 256 x 128 tokens is
@@ -151,6 +154,9 @@ def run_phases(args: argparse.Namespace) -> dict:
     recon = torch.randint(0, vocab, (args.reconstruct_samples, args.seq_len), generator=generator)
     with measured("load", results, device):
         model, _ = load_model(str(folder), dtype=args.dtype, device=device)
+        if not device.startswith("cuda"):  # own the weights like a GPU copy does, so their frees are counted too
+            for param in model.parameters():
+                param.data = param.data.clone()
     with measured("taylor", results, device):
         table = compute_importance(model, samples, "taylor", gradient_batch_size=args.batch_size, progress=False)
     with measured("selection", results, device):

@@ -74,7 +74,8 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     """
     num_samples, seq_len = samples.shape
     layers = decoder_layers(model)
-    bar = tqdm(total=2 * len(layers) + 1, desc=desc, unit="layer", disable=not progress)
+    # progress in forward-layer units: a layer's re-run + backward costs about three forwards
+    bar = tqdm(total=4 * len(layers) + 1, desc=desc, unit="fwd", disable=not progress)
     inputs: list[list[torch.Tensor | None]] = []
     with torch.no_grad():
         hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
@@ -100,7 +101,7 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
             grads[b] = x.grad
         del x
         layer_done(index)
-        bar.update()
+        bar.update(3)
     bar.close()
 
 
