@@ -5,9 +5,9 @@ but k decoder layers is written to disk, then one subprocess per k runs the phas
 with its defaults (load, taylor importance, global selection at 20 %, lsq reconstruction with drift 0.5, save).
 Per phase it reports:
 
-- peak live tensor bytes: the bytes of every tensor alive when the phase starts (counted by walking the
-  garbage collector's objects, each storage once) plus the highest running balance of the CPU allocator
-  during the phase (every allocation and free, from torch's profiler with `profile_memory=True`);
+- peak live tensor bytes: the highest running balance of the CPU allocator during the phase, from one trace
+  of every allocation and free of the process (torch's profiler with `profile_memory=True`, started before
+  the model is built);
 - peak RSS of the process during the phase (VmHWM, reset at the phase start through /proc/self/clear_refs).
 
 On CPU the loaded weights are copied once into allocator-owned memory (as a GPU load does): safetensors
@@ -52,47 +52,61 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def live_tensor_bytes() -> int:
-    """Bytes of all storages reachable from Python tensors, each storage counted once."""
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-            storage = obj.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+class PhaseMeter:
+    """Per-phase peaks: live bytes from one CPU allocator trace over the whole process, RSS from VmHWM.
 
+    The profiler (`profile_memory=True`) runs from before the model exists, so every allocation and free of
+    the run is in its trace (a trace started mid-run would miss the frees of older blocks, e.g. cut weights).
+    Live bytes at time t = the running balance; a phase's peak = the highest balance inside its window.
+    On cuda the allocator's own statistics are used instead.
+    """
 
-@contextmanager
-def measured(name: str, results: dict, device: str = "cpu"):
-    """Record the phase's peak live tensor bytes and peak RSS into `results[name]` (cuda: the allocator's peak)."""
-    from torch.profiler import ProfilerActivity, profile
+    def __init__(self, device: str):
+        from torch.profiler import ProfilerActivity, profile
 
-    gc.collect()
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    entry = torch.cuda.memory_allocated() if cuda else live_tensor_bytes()
-    Path("/proc/self/clear_refs").write_text("5")
-    start = time.perf_counter()
-    if cuda:
-        yield
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - entry
-    else:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        self.cuda = device.startswith("cuda")
+        self.results: dict = {}
+        self._prof = None if self.cuda else profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        if self._prof is not None:
+            self._prof.__enter__()
+
+    @contextmanager
+    def phase(self, name: str):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        Path("/proc/self/clear_refs").write_text("5")
+        start = time.perf_counter()
+        with torch.profiler.record_function(f"phase:{name}"):
             yield
-        events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns())
-        balance = peak = 0
-        for event in events:
-            balance += event.nbytes()
-            peak = max(peak, balance)
-    seconds = time.perf_counter() - start
-    results[name] = {"live_peak_bytes": entry + peak, "entry_bytes": entry, "rss_peak_bytes": _status_kib("VmHWM") * 1024,
-                     "seconds": round(seconds, 1)}
-    print(f"{name}: live peak {(entry + peak) / GIB:.2f} GiB (entry {entry / GIB:.2f}), "
-          f"RSS peak {_status_kib('VmHWM') / 2**20:.2f} GiB, {seconds:.0f} s", file=sys.stderr, flush=True)
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.results[name] = {"rss_peak_bytes": _status_kib("VmHWM") * 1024, "seconds": round(time.perf_counter() - start, 1)}
+        if self.cuda:
+            self.results[name]["live_peak_bytes"] = torch.cuda.max_memory_allocated()
+        print(f"{name}: RSS peak {_status_kib('VmHWM') / 2**20:.2f} GiB, {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
+
+    def finish(self) -> dict:
+        """Read the allocator trace into each phase's `live_peak_bytes` (CPU)."""
+        if self._prof is None:
+            return self.results
+        self._prof.__exit__(None, None, None)
+        events = self._prof.profiler.kineto_results.events()
+        windows = {e.name().removeprefix("phase:"): (e.start_ns(), e.end_ns()) for e in events
+                   if e.name().startswith("phase:")}
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        balance = 0
+        peaks = dict.fromkeys(windows, 0)
+        for when, nbytes in memory:
+            balance += nbytes
+            for name, (begin, end) in windows.items():
+                if begin <= when <= end:
+                    peaks[name] = max(peaks[name], balance)
+        for name, peak in peaks.items():
+            self.results[name]["live_peak_bytes"] = peak
+        return self.results
 
 
 def llama3_config(width: str, layers: int):
@@ -142,7 +156,7 @@ def run_phases(args: argparse.Namespace) -> dict:
     if args.memory_limit_gib:  # e.g. 24: behave like a 24 GB card on a bigger one
         total = torch.cuda.get_device_properties(torch.device(device)).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_limit_gib * GIB / total), torch.device(device))
-    results: dict = {}
+    meter = PhaseMeter(device)
     folder = Path(args.workdir) / "model"
     write_random_model(args.width, args.layer_count, dtype, folder, device)
     gc.collect()
@@ -152,21 +166,21 @@ def run_phases(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(0)
     samples = torch.randint(0, vocab, (args.num_samples, args.seq_len), generator=generator)
     recon = torch.randint(0, vocab, (args.reconstruct_samples, args.seq_len), generator=generator)
-    with measured("load", results, device):
+    with meter.phase("load"):
         model, _ = load_model(str(folder), dtype=args.dtype, device=device)
         if not device.startswith("cuda"):  # own the weights like a GPU copy does, so their frees are counted too
             for param in model.parameters():
                 param.data = param.data.clone()
-    with measured("taylor", results, device):
+    with meter.phase("taylor"):
         table = compute_importance(model, samples, "taylor", gradient_batch_size=args.batch_size, progress=False)
-    with measured("selection", results, device):
+    with meter.phase("selection"):
         plan, _ = global_plan(model, table, 0.2)
     del table
-    with measured("lsq", results, device):
+    with meter.phase("lsq"):
         prune_with_reconstruction(model, plan, recon, mode="lsq", batch_size=args.batch_size, progress=False)
-    with measured("save", results, device):
+    with meter.phase("save"):
         save_pruned_model(model, None, Path(args.workdir) / "pruned", plan=model.pruning_plan)
-    return results
+    return meter.finish()
 
 
 def main_run(args: argparse.Namespace) -> None:
@@ -230,10 +244,13 @@ def write_report() -> None:
              "pruning ratio 0.2, random weights with the exact Llama-3-8B layer shape (hidden 4096, 32/8 heads of 128, "
              "MLP 14336, vocab 128256, untied) and k decoder layers. Machine: 2 shared cores, load average "
              + ", ".join(f"{r['load_avg']:.1f}" for r in runs) + " during the runs (times are only indicative).", "",
-             "*live* = bytes of the tensors alive at the phase start (walking the garbage collector, each storage once) + "
-             "the highest running balance of the CPU allocator during the phase (torch profiler, `profile_memory=True`): "
-             "what the phase needs on its device. *RSS* = the process's peak resident set during the phase (VmHWM reset "
-             "at the phase start); it can be below *live* because safetensors weights are memory-mapped and paged in lazily. "
+             "*live* = the highest running balance of the CPU allocator during the phase, from one trace of every "
+             "allocation and free of the process (torch profiler, `profile_memory=True`, started before the model is "
+             "built; a trace started per phase misses the frees of older blocks such as the cut weights): what the phase "
+             "needs on its device. *RSS* = the process's peak resident set during the phase (VmHWM reset "
+             "at the phase start; memory-mapped checkpoint pages count in it). On CPU the *load* phase includes copying the "
+             "memory-mapped weights into allocator-owned memory (what a GPU load does), so its CPU figures are ~2x the "
+             "weights; on a GPU, load = weights. "
              "*model* = `llama_pruning.memory.phase_peaks` (what `--dry_run` prints) for the same setting.", "",
              "| k | phase | live GiB | model GiB | RSS GiB | seconds |", "|---|---|---|---|---|---|"]
     result: dict = {"measured": runs, "unit": "GiB (2**30 bytes)"}
