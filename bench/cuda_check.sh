@@ -3,10 +3,24 @@
 # It builds a random Llama-3-shaped model (GQA 4:1, 1.2B parameters, bf16) so no download is needed, then runs
 # global and layer-wise pruning on cuda (taylor + lsq, block influence), and `eval` (dense vs pruned speed).
 # SCALE=1 QUICK=1 runs a 0.3B model and only the first run plus eval.
+# MEMORY=1 instead runs only the memory check of issue 14 (about 5 minutes): every phase of the default global
+# command (taylor + lsq, 64 x 128 / 256 x 128 tokens) on a random 32-layer Llama-3-8B-shaped model in bf16, the
+# process capped at 24 GiB with torch.cuda.set_per_process_memory_fraction; per-phase peak CUDA memory and time
+# go to $OUT/memory_gpu.json for bench/results_memory.md. Not run on a GPU yet.
 # Needs: DATA (folder with wikitext2/), TOK (a tokenizer folder, e.g. SmolLM2's), OUT (where results go).
 set -euo pipefail
 : "${DATA:?}" "${TOK:?}" "${OUT:?}"
 export LLAMA_PRUNING_DATA=$DATA PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if [ "${MEMORY:-0}" = 1 ]; then
+    start=$SECONDS
+    python3 bench/memory.py phases --width 8b --layer_count 32 --device cuda --dtype bfloat16 --memory_limit_gib 24 \
+        --num_samples 64 --seq_len 128 --reconstruct_samples 256 --batch_size 4 --workdir /tmp/memory_gpu \
+        > "$OUT/memory_gpu.json" 2> >(tee "$OUT/memory_gpu.log" >&2)
+    echo "TIMING $((SECONDS - start)) s: memory check" | tee -a "$OUT/memory_gpu.log"
+    python3 -m llama_pruning.cli.main global --base_model /tmp/memory_gpu/model --device cuda --dtype bfloat16 \
+        --dry_run | tee "$OUT/dry_run.txt"  # the projection the measured peaks are compared with
+    exit 0
+fi
 python3 - <<'PY'
 import os, time, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -21,7 +21,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_pruning.models.arch import decoder_layers
+from llama_pruning.models.arch import capture_layer_inputs, decoder_layers
 from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
 
@@ -59,6 +59,10 @@ class InputStats:
         if self.cross is not None:
             self._last = x
 
+    def release(self) -> None:
+        """Free the matrices (Gram, X^T D) once a solve has read them; the sums and count stay."""
+        self.gram = self.cross = None
+
     def add_drift(self, drift: torch.Tensor) -> None:
         """Pair the drift of the last forward's tokens with that forward's inputs."""
         d = drift.reshape(-1, drift.shape[-1]).to(self.gram.dtype)
@@ -87,7 +91,8 @@ def compensate(
       `ridge` is the prior's weight in tokens (n = calibration tokens), so more tokens let the data speak more;
       i.e. W'^T = W_K^T + (G_KK + lam I)^-1 (G_KR W_R^T + a X_K^T D); when the linear has a bias it is fitted
       jointly (unpenalised), which centres G and X^T D (G - n mu mu^T).
-    Solved in the dtype of `stats`; the result is cast back to the linear's dtype.
+    Solved in the dtype of `stats`; the result is cast back to the linear's dtype. `lsq` releases the
+    matrices of `stats` before factorising, so a layer's Gram and its Cholesky factor are never both held.
     """
     dtype = stats.gram.dtype
     has_bias = linear.bias is not None
@@ -102,19 +107,25 @@ def compensate(
     delta = None
     if mode == "lsq":
         gram = stats.gram - stats.count * torch.outer(mean, mean) if has_bias else stats.gram
-        g_kk = gram[kept][:, kept]
         lam = ridge * stats.gram.diagonal()[kept].mean() / stats.count
-        g_kk.diagonal().add_(lam)
-        chol, info = torch.linalg.cholesky_ex(g_kk)
-        if info.item() != 0:
-            raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
-        rhs = gram[kept][:, removed] @ w_removed_t
+        rhs = gram[kept[:, None], removed] @ w_removed_t
         if drift:
             cross = stats.cross[kept]
             if has_bias:
                 cross = cross - torch.outer(mean[kept], stats.drift_sum)
             rhs += drift_weight * cross
+            del cross
+        stats.cross = None
+        g_kk = gram[kept[:, None], kept]  # one gather: no (kept x all) intermediate
+        g_kk.diagonal().add_(lam)
+        del gram
+        stats.release()  # the dense Gram is not needed any more: it and the Cholesky factor never coexist
+        chol, info = torch.linalg.cholesky_ex(g_kk)
+        del g_kk
+        if info.item() != 0:
+            raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
         delta = torch.cholesky_solve(rhs, chol)  # (kept, out)
+        del chol, rhs
         linear.weight.add_((delta.T).to(linear.weight.dtype))
     if has_bias:
         shift = mean[removed] @ w_removed_t
@@ -123,45 +134,6 @@ def compensate(
         if drift:
             shift += drift_weight * stats.drift_sum / stats.count
         linear.bias.add_(shift.to(linear.bias.dtype))
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during capture: records its inputs and kwargs, passes hidden states through.
-
-    Every recorder sees the embedding output (references, not copies); only the first one's is used.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inputs: list[torch.Tensor] = []
-        self.kwargs: list[dict] = []
-
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.inputs.append(hidden_states)
-        self.kwargs.append(kwargs)
-        return hidden_states
-
-
-def capture_layer_inputs(
-    model: nn.Module, samples: torch.LongTensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering layer 0 per batch, and the kwargs the model passes each layer per batch.
-
-    The decoder layers are swapped for recorders, so only embeddings, rotary embeddings and masks are
-    computed; the kwargs (causal mask, position embeddings, ...) are exactly what the model's own forward
-    builds, per layer (mixed sliding/full attention models get each layer's own mask).
-    """
-    decoder = model.get_decoder()
-    layers = decoder.layers
-    recorders = nn.ModuleList(_Recorder() for _ in layers)
-    device = next(model.parameters()).device
-    decoder.layers = recorders
-    try:
-        for batch in samples.split(batch_size):
-            decoder(input_ids=batch.to(device), use_cache=False)
-    finally:
-        decoder.layers = layers
-    return recorders[0].inputs, [r.kwargs for r in recorders]
 
 
 def _attention_columns(plan: PruningPlan, index: int, device: torch.device) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 import llama_pruning.importance.cache as cache_module
+import llama_pruning.importance.unit as unit_module
 from llama_pruning.importance import (
     METHODS,
     TAYLOR_2ND_VARIANTS,
@@ -202,33 +203,33 @@ def test_table_layout():
 def test_micro_batch_size_does_not_change_scores(method):
     model = tiny_model(layers=2, bias=True, intermediate=16, seed=7)
     samples = torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(2))
-    tables = [compute_importance(model, samples, method, gradient_batch_size=b, progress=False) for b in (1, 2, 8)]
+    tables = [compute_importance(model, samples, method, gradient_batch_size=b, progress=False) for b in (1, 2, 3, 8)]
     for table in tables[1:]:
         for column in table.columns[3:]:
             ref = tables[0][column].to_numpy()
             np.testing.assert_allclose(table[column], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_gradient_checkpointing_same_scores_and_state_restored():
-    model = tiny_model(layers=2, intermediate=16, seed=8)
+@pytest.mark.parametrize("method", ["taylor", "taylor_2nd"])
+def test_per_weight_buffers_live_for_one_layer_at_a_time_and_state_restored(method, monkeypatch):
+    model = tiny_model(layers=3, intermediate=16, seed=8)
     model.lm_head.weight.requires_grad_(False)
     model.model.layers[0].train()
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(3))
-    calls = []
-    handle = model.model.layers[0].mlp.up_proj.register_forward_hook(lambda *args: calls.append(1))
-    plain = compute_importance(model, samples, "taylor_2nd", gradient_batch_size=2, progress=False)
-    plain_calls = len(calls)
-    ckpt = compute_importance(model, samples, "taylor_2nd", gradient_batch_size=2, gradient_checkpointing=True,
-                              progress=False)
-    handle.remove()
-    assert plain_calls == 2 and len(calls) - plain_calls == 4  # each layer ran again in the backward pass
-    np.testing.assert_allclose(ckpt.importance, plain.importance, rtol=1e-5)
+    samples = torch.randint(0, 97, (5, 10), generator=torch.Generator().manual_seed(3))
+    live = []
+    fold = unit_module.TaylorAccumulator.fold_layer
+
+    def spy(self, layer_idx):
+        live.append((layer_idx, {key[0] for key in (*self.grad, *self.sq)}))
+        fold(self, layer_idx)
+
+    monkeypatch.setattr(unit_module.TaylorAccumulator, "fold_layer", spy)
+    compute_importance(model, samples, method, gradient_batch_size=2, progress=False)
+    assert live == [(2, {2}), (1, {1}), (0, {0})]  # last layer first, and only its own buffers exist
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
-    assert not model.is_activation_checkpointing
-    assert not hasattr(model, "_require_grads_hook")
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -85,8 +85,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder, only once this run has finished")
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="dtype the model is loaded and pruned in")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the model is loaded and pruned in (auto: the checkpoint's own on cuda, float32 on cpu)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="read only the model's config, print the projected peak memory per phase and the flags that "
+                        "make it fit the device, then stop (exit 2 when it does not fit)")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
     p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -151,7 +154,7 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
     from llama_pruning.importance import cached_importance, compute_importance
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
-                  gradient_checkpointing=args.gradient_checkpointing, taylor_2nd_variant=args.taylor_2nd_variant)
+                  taylor_2nd_variant=args.taylor_2nd_variant)
     cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
     if cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
@@ -221,6 +224,22 @@ def prepare_gguf(args: argparse.Namespace) -> None:
                          f"of {block} (got {args.round_to})")
 
 
+def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
+    """The memory model's projection for this command's model, dtype, device and flags (llama_pruning/memory.py)."""
+    from llama_pruning import memory
+    from llama_pruning.models.loading import pick_dtype
+    from llama_pruning.reconstruct import DEFAULT_SAMPLES
+
+    config = check_model(args.base_model, args.trust_remote_code)
+    dtype = pick_dtype(args.dtype, args.device)
+    work = memory.Workload(
+        dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
+        seq_len=args.seq_len, batch_size=args.gradient_batch_size,
+        reconstruct_samples=args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples),
+        importance=args.importance_method, reconstruct=args.reconstruct)
+    return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
+
+
 def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: Check | None = None) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
@@ -233,6 +252,10 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
     prepare_gguf(args)
+    if args.dry_run:
+        text, fits = memory_projection(args)
+        print(text)
+        return 0 if fits else 2
     seed_everything(args.seed)
     replayed = check_inputs(args, check)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
@@ -241,6 +264,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
     try:
         log(f"{title}: run folder {run.final} (written in {run.path.name} until it is complete)")
         started = time.perf_counter()
+        log(memory_projection(args)[0])
         model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device,
                                       trust_remote_code=args.trust_remote_code)
         spec = model_spec(model)

@@ -1,13 +1,13 @@
 """Running calibration passes: input checks, device placement, state restoration, micro-batches, the loss.
 
 Every estimator borrows the caller's model. `calibration_session` puts it in the state a scoring pass
-needs (eval mode, parameters frozen, on the requested device, optionally gradient checkpointing) and
-gives it back exactly as it was, even when the pass raises.
+needs (eval mode, parameters frozen, on the requested device) and gives it back exactly as it was, even
+when the pass raises. `layerwise_backward` is the gradient pass of the Taylor methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from llama_pruning.models.arch import decoder_layers
+from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, run_layer
 
 
 def check_samples(samples: torch.Tensor) -> None:
@@ -49,65 +49,81 @@ def micro_batches(samples: torch.Tensor, batch_size: int, device: torch.device, 
         yield samples[start:start + batch_size].to(device)
 
 
-def nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of a batch of unpadded windows, computed in float32 whatever the model dtype."""
-    logits = model(input_ids=ids, use_cache=False).logits
+def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of unpadded windows from their logits, computed in float32 whatever the model dtype."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    """Turn HF gradient checkpointing on (the reentrant flavour, which runs the first forward without a graph)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    else:  # transformers releases before the rename
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+def nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of a batch of unpadded windows."""
+    return token_nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
 
 
-def _disable_checkpointing(model: nn.Module) -> None:
-    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-    disable()
+def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.device, batch_size: int,
+                       layer_done: Callable[[int], None], desc: str, progress: bool) -> None:
+    """Backpropagate the mean token NLL over all samples one decoder layer at a time, last layer first.
+
+    A no-grad forward keeps every layer's input hidden states (per micro-batch, in the model's dtype);
+    the head's loss gives the gradient at the last layer's output; then each layer is re-run per
+    micro-batch on its kept input and backpropagated from its output gradient, which hands the gradient
+    of its input to the layer below. All output gradients of a layer's projections, over the whole
+    calibration set, thus arrive while that layer is processed: `layer_done(index)` is called right
+    after, so per-weight accumulators need to exist for one layer only. Parameters get no `.grad`.
+    It costs one forward more than a plain backward (this is gradient checkpointing at layer boundaries),
+    and the kept inputs take num_layers x num_samples x seq_len x hidden values.
+    """
+    num_samples, seq_len = samples.shape
+    layers = decoder_layers(model)
+    # progress in forward-layer units: a layer's re-run + backward costs about three forwards
+    bar = tqdm(total=4 * len(layers) + 1, desc=desc, unit="fwd", disable=not progress)
+    inputs: list[list[torch.Tensor | None]] = []
+    with torch.no_grad():
+        hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
+        for layer, layer_kwargs in zip(layers, kwargs, strict=True):
+            inputs.append(hidden)
+            hidden = [run_layer(layer, x, kw) for x, kw in zip(hidden, layer_kwargs, strict=True)]
+            bar.update()
+    head = model.get_output_embeddings()
+    norm = model.get_decoder().norm
+    grads = []
+    for x, ids in zip(hidden, samples.split(batch_size), strict=True):
+        x.requires_grad_(True)
+        loss = token_nll_sum(head(norm(x)), ids.to(device)) / (num_samples * (seq_len - 1))
+        loss.backward()
+        grads.append(x.grad)
+    del hidden, x
+    bar.update()
+    for index in reversed(range(len(layers))):
+        for b, kw in enumerate(kwargs[index]):
+            x = inputs[index][b].requires_grad_(True)
+            inputs[index][b] = None
+            run_layer(layers[index], x, kw).backward(grads[b])
+            grads[b] = x.grad
+        del x
+        layer_done(index)
+        bar.update(3)
+    bar.close()
 
 
 @contextmanager
-def calibration_session(model: nn.Module, device: str | torch.device | None, *, gradients: bool = False,
-                        gradient_checkpointing: bool = False) -> Iterator[torch.device]:
+def calibration_session(model: nn.Module, device: str | torch.device | None) -> Iterator[torch.device]:
     """Prepare `model` for a scoring pass and restore it afterwards; yields the device to feed samples to.
 
     `device=None` uses the device the model already lives on (`load_model` puts it on cuda when there
     is one); another device moves the model there for the pass and back afterwards. All parameters are
     frozen: estimators compute the weight gradients they need themselves from module hooks, so autograd
-    only propagates activation gradients (`gradients=True` makes the embedding output require grad for
-    that). Gradient checkpointing switches on only the decoder layers' own `training` flag (which is what
-    HF checks), so dropout modules stay in eval mode and scores stay deterministic.
+    only propagates activation gradients.
     """
     home = model_device(model)
     target = torch.device(device) if device is not None else home
     modes = {module: module.training for module in model.modules()}
     requires = {param: param.requires_grad for param in model.parameters()}
-    had_input_hook = hasattr(model, "_require_grads_hook")
-    switch_checkpointing = gradient_checkpointing and not getattr(model, "is_activation_checkpointing", False)
-    handles = []
     try:
         model.to(target)
         model.eval()
         model.requires_grad_(False)
-        if gradients:
-            handles.append(model.get_input_embeddings().register_forward_hook(
-                lambda _module, _inputs, output: output.requires_grad_(True)))
-        if gradient_checkpointing:
-            if switch_checkpointing:
-                _enable_checkpointing(model)
-            for layer in decoder_layers(model):
-                layer.training = True
         yield target
     finally:
-        for handle in handles:
-            handle.remove()
-        if switch_checkpointing:
-            _disable_checkpointing(model)
-            if not had_input_hook and hasattr(model, "_require_grads_hook"):
-                model.disable_input_require_grads()
         for module, mode in modes.items():
             module.training = mode
         for param, flag in requires.items():

@@ -9,9 +9,11 @@ Methods (formulas and signs in docs/IMPORTANCE.md):
 
 Gradient methods never ask autograd for weight gradients: a forward hook on each projection keeps its
 input x and hooks its output, whose gradient dy arrives in the backward pass; the weight gradient is then
-dy^T x (per sample for `taylor_2nd`), folded at once into float32 accumulators. So no `.grad` buffer is
-ever allocated, embeddings and lm_head get no weight gradient, and micro-batching changes nothing but
-float rounding.
+dy^T x (per sample for `taylor_2nd`), folded at once into float32 accumulators. The backward runs one
+decoder layer at a time over the whole calibration set (`layerwise_backward`), so those accumulators
+exist for one layer at a time and are turned into unit scores as soon as the layer is done. No `.grad`
+buffer is ever allocated, embeddings and lm_head get no weight gradient, and micro-batching changes
+nothing but float rounding.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from llama_pruning.importance.runtime import (
     check_batch_size,
     check_dense,
     check_samples,
+    layerwise_backward,
     micro_batches,
-    nll_sum,
 )
 from llama_pruning.importance.units import (
     GROUP_TYPES,
@@ -78,10 +80,11 @@ class TaylorAccumulator:
     1/N times those of its samples' own losses: per sample s, G_s = dy_s^T x_s = g_s / N. Then
     g = sum_s G_s and F = mean_s g_s^2 = N * sum_s G_s^2.
 
-    Memory: one float32 per-weight buffer holds g (as `.grad` would). The second-order term is linear
-    in the per-sample squares: `second` and `sum` add it up per unit as each sample arrives; only
-    `mix`, whose |w g - 0.5 w^2 F| needs F per weight, keeps a second per-weight buffer (sum_s G_s^2),
-    from which its per-unit second-order term is also read at the end.
+    Memory: one float32 per-weight buffer holds g, for the layer being backpropagated only (the pass
+    goes layer by layer and `fold_layer` consumes and frees each layer's buffers). The second-order term
+    is linear in the per-sample squares: `second` and `sum` add it up per unit as each sample arrives;
+    only `mix`, whose |w g - 0.5 w^2 F| needs F per weight, keeps a second per-weight buffer
+    (sum_s G_s^2), from which its per-unit second-order term is also read when the layer is folded.
     """
 
     def __init__(self, units: list[UnitLinear], spec: ModelSpec, num_samples: int, device: torch.device,
@@ -131,9 +134,11 @@ class TaylorAccumulator:
             _accumulate(self.grad, (unit.layer_idx, unit.name, kind), g)
 
     @torch.no_grad()
-    def finish(self) -> Columns:
-        """Per-unit scores from the accumulated sums; consumes each per-weight buffer in place."""
+    def fold_layer(self, layer_idx: int) -> None:
+        """Turn one layer's complete per-weight sums into its unit scores and free them."""
         for unit in self.units:
+            if unit.layer_idx != layer_idx:
+                continue
             key = (unit.layer_idx, unit.group_type)
             for kind, param, axis in unit.params():
                 w = param.detach().float()
@@ -147,6 +152,9 @@ class TaylorAccumulator:
                     self.second[key] += unit_sum(half_w2f, axis, unit.n_units)
                     wg.sub_(half_w2f)
                 self.importance[key] += unit_sum(wg.abs_(), axis, unit.n_units)
+
+    def finish(self) -> Columns:
+        """The score columns, once every layer has been folded."""
         if self.variant is None:
             return {"importance": self.importance, "signed_first_order": self.signed}
         if self.variant == "second":
@@ -159,15 +167,12 @@ class TaylorAccumulator:
 
 def _taylor(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
             variant: str | None, progress: bool) -> Columns:
-    """Gradient pass over the samples, loss normalised to the mean token NLL over all of them."""
-    num_samples, seq_len = samples.shape
-    acc = TaylorAccumulator(unit_linears(model, spec), spec, num_samples, device, variant)
+    """Layer-by-layer gradient pass over the samples, loss normalised to the mean token NLL over all of them."""
+    acc = TaylorAccumulator(unit_linears(model, spec), spec, samples.shape[0], device, variant)
     handles = acc.attach()
     desc = "taylor" if variant is None else f"taylor_2nd ({variant})"
     try:
-        for ids in micro_batches(samples, batch_size, device, desc, progress):
-            loss = nll_sum(model, ids) / (num_samples * (seq_len - 1))
-            loss.backward()
+        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, desc, progress)
     finally:
         for handle in handles:
             handle.remove()
@@ -245,7 +250,6 @@ def compute_importance(
     *,
     gradient_batch_size: int = 4,
     device: str | torch.device | None = None,
-    gradient_checkpointing: bool = False,
     seed: int = 0,
     taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
     progress: bool = True,
@@ -268,9 +272,7 @@ def compute_importance(
     spec = model_spec(model)
     if method == "random":
         return importance_table(spec, _random(spec, seed))
-    gradients = method in ("taylor", "taylor_2nd")
-    with calibration_session(model, device, gradients=gradients,
-                             gradient_checkpointing=gradient_checkpointing and gradients) as dev:
+    with calibration_session(model, device) as dev:
         if method == "magnitude":
             columns = _magnitude(model, spec)
         elif method == "wanda":

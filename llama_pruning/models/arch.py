@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -113,3 +114,48 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def count_params(model: nn.Module) -> int:
     """Parameters of a model, each shared (tied) tensor counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs and kwargs, passes hidden states through.
+
+    Every recorder sees the embedding output (references, not copies); only the first one's is used.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: list[dict] = []
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.inputs.append(hidden_states)
+        self.kwargs.append(kwargs)
+        return hidden_states
+
+
+def capture_layer_inputs(
+    model: nn.Module, samples: torch.LongTensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Hidden states entering layer 0 per batch, and the kwargs the model passes each layer per batch.
+
+    The decoder layers are swapped for recorders, so only embeddings, rotary embeddings and masks are
+    computed; the kwargs (causal mask, position embeddings, ...) are exactly what the model's own forward
+    builds, per layer (mixed sliding/full attention models get each layer's own mask).
+    """
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    recorders = nn.ModuleList(_Recorder() for _ in layers)
+    device = next(model.parameters()).device
+    decoder.layers = recorders
+    try:
+        for batch in samples.split(batch_size):
+            decoder(input_ids=batch.to(device), use_cache=False)
+    finally:
+        decoder.layers = layers
+    return recorders[0].inputs, [r.kwargs for r in recorders]
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's output hidden states, whether the transformers release returns a tensor or a tuple."""
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -49,6 +49,13 @@ class ModelLoadError(ValueError):
     """A model that cannot be read or may not be loaded without consent (one line that says why)."""
 
 
+def pick_dtype(dtype: str | torch.dtype, device: str | None) -> str | torch.dtype:
+    """`auto`: the checkpoint's own dtype on a GPU, float32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    if dtype == "auto" and not str(device or default_device()).startswith("cuda"):
+        return "float32"
+    return dtype
+
+
 def default_device() -> str:
     """cuda when available, else cpu: the default of every command, never hard-coded."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,6 +237,8 @@ def load_model(
     by llama-pruning load with this package's classes; other custom code runs only with `trust_remote_code`.
     The architecture and weight files are checked before any weight is read, so a bad model fails in a
     second with a one-line message.
+
+    `dtype="auto"` loads the checkpoint's own dtype on cuda and float32 on cpu.
     """
     from safetensors import SafetensorError
 
@@ -238,9 +247,9 @@ def load_model(
     ours = pruned_class(config, source, trust_remote_code)
     try:
         if ours is not None:
-            model = ours.from_pretrained(source, config=config, dtype=resolve_dtype(dtype))
+            model = ours.from_pretrained(source, config=config, dtype=resolve_dtype(pick_dtype(dtype, device)))
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype),
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(pick_dtype(dtype, device)),
                                                          trust_remote_code=trust_remote_code)
         folder = Path(source)
         has_tokenizer = tokenizer and (not folder.is_dir() or any(

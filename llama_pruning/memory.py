@@ -1,0 +1,147 @@
+"""Memory model of the pruning commands: the peak bytes each phase holds on its device, from the config alone.
+
+Used by `--dry_run` (before anything is loaded) and checked against measurements in bench/memory.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+# Llama-3 shapes (untied embeddings, vocab 128256): what bench/memory.py builds and what the docs project
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               vocab_size=128256, num_hidden_layers=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                vocab_size=128256, num_hidden_layers=80),
+}
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SOLVE_BYTES = 8  # reconstruction Grams and solves are float64
+GRAD_BYTES = 4  # Taylor's per-weight accumulators are float32
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a pruning command will do, in the terms its memory depends on."""
+
+    dtype: str = "bfloat16"
+    num_samples: int = 64
+    seq_len: int = 128
+    batch_size: int = 4
+    reconstruct_samples: int = 256
+    importance: str = "taylor"  # taylor, taylor_2nd (mix), or any forward-only method
+    reconstruct: str = "lsq"
+
+
+def _get(config, name: str):
+    return config[name] if isinstance(config, dict) else getattr(config, name)
+
+
+def weight_bytes(config, dtype: str) -> int:
+    """Bytes of all parameters (embeddings counted twice unless tied)."""
+    h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    tied = config.get("tie_word_embeddings", False) if isinstance(config, dict) else getattr(config, "tie_word_embeddings", False)
+    return (v * h * (1 if tied else 2) + n * _layer_params(config) + h) * _BYTES[dtype]
+
+
+def _layer_params(config) -> int:
+    h, i = _get(config, "hidden_size"), _get(config, "intermediate_size")
+    q = _get(config, "num_attention_heads") * _head_dim(config)
+    kv = _get(config, "num_key_value_heads") * _head_dim(config)
+    return 2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
+
+
+def _head_dim(config) -> int:
+    head_dim = config.get("head_dim") if isinstance(config, dict) else getattr(config, "head_dim", None)
+    return head_dim or _get(config, "hidden_size") // _get(config, "num_attention_heads")
+
+
+def phase_peaks(config, work: Workload) -> dict[str, int]:
+    """Projected peak bytes held on the device in each phase of the pruning command (weights included).
+
+    Terms (docs/MEMORY.md): Taylor keeps every layer's input hidden states (model dtype), the gradient
+    of one micro-batch's logits, and float32 per-weight sums for one layer; lsq keeps two streams of
+    hidden states (pruned and dense) and, for the MLP being solved, a float64 Gram and its Cholesky factor.
+    """
+    s = _BYTES[work.dtype]
+    h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    q = _get(config, "num_attention_heads") * _head_dim(config)
+    weights = weight_bytes(config, work.dtype)
+    tokens, batch_tokens = work.num_samples * work.seq_len, work.batch_size * work.seq_len
+    acts = batch_tokens * (4 * i + 8 * h) * 4  # one micro-batch through one layer, upcasts included
+    peaks = {"load": weights, "selection": weights, "save": weights}
+    if work.importance in ("taylor", "taylor_2nd"):
+        per_weight = (2 if work.importance == "taylor_2nd" else 1) * (_layer_params(config) - 2 * h) * GRAD_BYTES
+        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)
+        layer = (n + 1) * tokens * h * s + per_weight + 2 * i * h * 4 + acts
+        peaks["importance"] = weights + max(head, layer)
+    else:
+        peaks["importance"] = weights + batch_tokens * v * (s + 4) + acts
+    if work.reconstruct == "lsq":
+        streams = 2 * work.reconstruct_samples * work.seq_len * h * s
+        width = max(i, q)  # the solved block's input width; kept columns counted as all of them (upper bound)
+        solve = max(width * width + width * h + width * h, 2 * width * width + width * h) * SOLVE_BYTES
+        peaks["reconstruction"] = weights + streams + 3 * i * h * s + solve + acts
+    elif work.reconstruct == "bias":
+        peaks["reconstruction"] = weights + 2 * work.reconstruct_samples * work.seq_len * h * s + acts
+    return peaks
+
+
+# flag changes tried in order, each on top of the ones before, until the projection fits
+_REMEDIES = (
+    ("--dtype bfloat16", {"dtype": "bfloat16"}),
+    ("--reconstruct_samples 64", {"reconstruct_samples": 64}),
+    ("--num_samples 32", {"num_samples": 32}),
+    ("--gradient_batch_size 1", {"batch_size": 1}),
+    ("--reconstruct bias", {"reconstruct": "bias"}),
+    ("--importance_method wanda", {"importance": "wanda"}),
+)
+
+
+def remedies(config, work: Workload, available: int) -> list[str] | None:
+    """The fewest flags (in a fixed order of cost to quality) whose projection fits in `available` bytes, or None."""
+    flags: list[str] = []
+    for flag, change in _REMEDIES:
+        if max(phase_peaks(config, work).values()) <= available:
+            return flags
+        if all(getattr(work, key) == value for key, value in change.items()) or (
+                "dtype" in change and work.dtype != "float32"):
+            continue
+        work = replace(work, **change)
+        flags.append(flag)
+    return flags if max(phase_peaks(config, work).values()) <= available else None
+
+
+def checkpoint_dtype(config) -> str:
+    """The dtype name the checkpoint is stored in (float32 when the config does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return name if name in _BYTES else "float32"
+
+
+def device_memory(device: str) -> int:
+    """Total memory of a cuda device, or the memory available now for cpu."""
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return psutil.virtual_memory().available
+
+
+def projection_report(config, work: Workload, device: str, available: int) -> tuple[str, bool]:
+    """Lines for the user: projected peak per phase, what the device has, and which flags make it fit."""
+    peaks = phase_peaks(config, work)
+    peak = max(peaks.values())
+    lines = [f"projected peak memory on {device} ({work.dtype}, {work.num_samples} x {work.seq_len} calibration tokens, "
+             f"{work.importance} + {work.reconstruct}): {peak / 2**30:.1f} GiB; the device has {available / 2**30:.1f} GiB",
+             "  " + ", ".join(f"{name} {value / 2**30:.1f}" for name, value in peaks.items()) + " (GiB)"]
+    if peak <= available:
+        return "\n".join(lines), True
+    flags = remedies(config, work, available)
+    if flags is None:
+        lines.append("does not fit even with --dtype bfloat16 --reconstruct bias --importance_method wanda: the weights "
+                     "alone need more; use a device with more memory")
+    else:
+        lines.append("does not fit; these flags bring it under the device's memory: " + " ".join(flags))
+    return "\n".join(lines), False
