@@ -61,6 +61,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+# --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
+FAST_SETTINGS = {"num_samples": 32, "reconstruct_samples": 32}
+
+
+class FastAction(argparse.Action):
+    """`--fast` sets FAST_SETTINGS as if those flags were written in its place (flags after it still override)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        for name, value in FAST_SETTINGS.items():
+            setattr(namespace, name, value)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
     from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
@@ -78,6 +91,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                    help="dtype the model is loaded and pruned in")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
     p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
+    p.add_argument("--fast", nargs=0, action=FastAction, default=False,
+                   help="cheaper settings for a first try, lower quality (bench/results_fast.md): the same as "
+                        + " ".join(f"--{name} {value}" for name, value in FAST_SETTINGS.items()))
     p = parser.add_argument_group("importance")
     p.add_argument("--pruning_ratio", type=ratio, default=0.2,
                    help="fraction of the model's TOTAL parameters (embeddings included) to remove")
