@@ -28,7 +28,7 @@ def test_global_end_to_end_and_replay(tmp_path, data_dir):
                  "--reconstruct", "none", "--save_model", "--test_after_prune", "--eval_max_windows", "2", *FAST])
     assert code == 0
     run = out / "g"
-    for name in ("description.txt", "global_group_table.csv", "pruning_plan.json", "pruning_strategy.png",
+    for name in ("description.txt", "unit_table.csv", "pruning_plan.json", "pruning_strategy.png",
                  "metrics.json", "config.json", "model.safetensors", "tokenizer.json"):
         assert (run / name).is_file(), name
     logs = list(run.glob("2*/training.log"))
@@ -57,6 +57,8 @@ def test_layer_end_to_end(tmp_path, data_dir):
     description = (out / "l" / "description.txt").read_text()
     log = next((out / "l").glob("2*/training.log")).read_text()
     assert "bias reconstruction on 6 x 32 tokens (ridge 3000 tokens = 15.6 relative, drift 0.25)" in log
+    assert "importance: taylor (units), block_influence (layers) on 4 x 32 tokens of wikitext2" in log
+    assert (out / "l" / "unit_table.csv").is_file() and not (out / "l" / "global_group_table.csv").exists()
     assert "PPL after pruning, before recovery" in description and "PPL after recovery" in description
     assert (out / "l" / "finetune_loss.png").is_file()
     config = json.loads((out / "l" / "layer_importance_config.json").read_text())

@@ -227,6 +227,13 @@ def test_save_non_uniform_plan_needs_only_transformers(tmp_path, family, bias):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_pruned.Pruned")
     assert len(config["pruned_layout"]) == config["num_hidden_layers"] == 3
+    kv, widths = ([entry[key] for entry in config["pruned_layout"]] for key in ("num_key_value_heads", "intermediate_size"))
+    summary = config["pruned_summary"]  # the real shapes where a reader of config.json looks
+    assert summary["num_key_value_heads"] == {"min": min(kv), "max": max(kv), "total": sum(kv)}
+    assert summary["num_attention_heads"] == {"min": 2 * min(kv), "max": 2 * max(kv), "total": 2 * sum(kv)}
+    assert summary["intermediate_size"] == {"min": min(widths), "max": max(widths), "total": sum(widths)}
+    assert summary["layers_without_attention"] == [i for i, n in enumerate(kv) if n == 0] != []
+    assert summary["layers_without_mlp"] == [i for i, n in enumerate(widths) if n == 0] != []
     x = torch.randint(0, 97, (2, 9))
     logits, cls = reload_logits(out, x, remote=True, tmp_path=tmp_path)
     assert cls.startswith("Pruned")

@@ -40,6 +40,8 @@ def test_readme_main_command_runs_in_a_bare_clone_offline(tmp_path):
     assert not (tmp_path / "shared").exists()
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # the venv's own (old, bundled) setuptools would hide the machine's, which torch's metadata and our build need
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "setuptools"], check=True)
     # offline pip: no index, and the build backend (setuptools) from the machine instead of a download
     command = readme_main_command().replace("pip install ", "pip install --no-index --no-build-isolation ")
     env = {k: v for k, v in os.environ.items() if not k.startswith(LEAKS)}

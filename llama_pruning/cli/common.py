@@ -26,6 +26,7 @@ from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_mod
 from llama_pruning.plan import PLAN_FILENAME, PruningPlan
 from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
 
+UNIT_TABLE = "unit_table.csv"  # every unit of the run: importance, cost, score, pruned (global and layer-wise runs)
 # (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
 Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
 
@@ -144,6 +145,14 @@ def _ppl(model: nn.Module, tokenizer, args: argparse.Namespace) -> float:
     return float(next(iter(result.values())))
 
 
+def importance_label(args: argparse.Namespace) -> str:
+    """The importance a run used, in words: layer-wise runs rank units and layers by different measures."""
+    layer_method = getattr(args, "layer_importance_method", None)
+    if layer_method is None:
+        return args.importance_method
+    return f"{args.importance_method} (units), {layer_method} (layers)"
+
+
 def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor) -> pd.DataFrame:
     """Unit importance for the run's method, from the cache when this (model, data, method) was seen."""
     from llama_pruning.importance import cached_importance, compute_importance
@@ -191,7 +200,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
             plan = PruningPlan.load(args.plan)
             log(f"replaying plan {args.plan} (made for {plan.base_model})")
         else:
-            log(f"importance: {args.importance_method} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
+            log(f"importance: {importance_label(args)} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
             table = importance_table(model, args, samples)
             plan, groups, layer_scores = select(model, args, samples, table)
         plan.metadata.update({"command": title, "importance_method": args.importance_method,
@@ -249,10 +258,11 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
     path = run.path
     plan.save(path / PLAN_FILENAME)
     if groups is not None:
-        groups.to_csv(path / "global_group_table.csv", index=False)
+        groups.to_csv(path / UNIT_TABLE, index=False)
     plot_pruning_strategy(plan, report, path / "pruning_strategy.png",
-                          f"{title}: {args.importance_method}, {1 - report['params_after'] / report['params_before']:.1%} "
-                          "of parameters removed", layer_scores)
+                          f"{title}: {importance_label(args)}, {1 - report['params_after'] / report['params_before']:.1%} "
+                          "of parameters removed", layer_scores,
+                          layer_score_label=f"layer importance\n({getattr(args, 'layer_importance_method', '')})")
     metrics["peak RSS MiB"] = round((peak_rss_bytes() or 0) / 2**20, 1)
     if torch.cuda.is_available() and str(args.device).startswith("cuda"):
         metrics["peak CUDA memory MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
