@@ -23,13 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llama_pruning.models.arch import decoder_layers
+from llama_pruning.options import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES  # noqa: F401 (re-exported)
 from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
-
-MODES = ("none", "bias", "lsq")
-DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
-DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
-DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 
 
 class ReconstructionError(ValueError):

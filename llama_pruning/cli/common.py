@@ -14,21 +14,31 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-import torch
-from torch import nn
+from llama_pruning.options import (
+    DEFAULT_DRIFT,
+    DEFAULT_MODEL,
+    DEFAULT_RIDGE,
+    DEFAULT_SAMPLES,
+    DEFAULT_TAYLOR_2ND_VARIANT,
+    METHODS,
+    MODES,
+    TAYLOR_2ND_VARIANTS,
+)
 
-from llama_pruning.evaluation.speed import peak_rss_bytes
-from llama_pruning.models.arch import count_params, model_spec
-from llama_pruning.models.loading import DEFAULT_MODEL, default_device, load_model
-from llama_pruning.plan import PLAN_FILENAME, PruningPlan
-from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
+if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `--help` answers at once
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from llama_pruning.plan import PruningPlan
+    from llama_pruning.reporting import RunDir
+
+    # (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
+    Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
 
 UNIT_TABLE = "unit_table.csv"  # every unit of the run: importance, cost, score, pruned (global and layer-wise runs)
-# (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
-Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
 
 
 def ratio(text: str) -> float:
@@ -77,8 +87,6 @@ class FastAction(argparse.Action):
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
-    from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
-    from llama_pruning.reconstruct import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
     p = parser.add_argument_group("model and run")
@@ -87,7 +95,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--save_ckpt_log_name", default=default_name, help="run folder name under --output_root")
     p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
     p.add_argument("--overwrite", action="store_true", help="reuse an existing run folder, deleting its contents")
-    p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype the model is loaded and pruned in")
     p.add_argument("--seed", type=int, default=0, help="seed for calibration windows, random scores and training")
@@ -132,6 +140,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -169,14 +180,19 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
 def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
-    from llama_pruning.reconstruct import DEFAULT_SAMPLES, prune_with_reconstruction
+    from llama_pruning.models.arch import count_params, model_spec
+    from llama_pruning.models.loading import default_device, load_model
+    from llama_pruning.plan import PruningPlan
+    from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.recovery import recover
+    from llama_pruning.reporting import RunDir
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # every rank would prune and write the same run folder
         raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
+    args.device = args.device or default_device()
     seed_everything(args.seed)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
     log = run.log
@@ -253,7 +269,12 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str) -> int:
 
 def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,
                    layer_scores, metrics: dict, title: str) -> None:
+    import torch
+
+    from llama_pruning.evaluation.speed import peak_rss_bytes
     from llama_pruning.models.export import save_pruned_model
+    from llama_pruning.plan import PLAN_FILENAME
+    from llama_pruning.reporting import plot_pruning_strategy, write_description
 
     path = run.path
     plan.save(path / PLAN_FILENAME)

@@ -7,9 +7,6 @@ import argparse
 import json
 from pathlib import Path
 
-from llama_pruning.evaluation.speed import compare, format_report
-from llama_pruning.models.loading import default_device
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the eval command."""
@@ -17,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", default=None,
                         help="dense model to compare with (default: base_model of MODEL_DIR/pruning_plan.json; "
                              "smollm2-135m, an HF id or a folder)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch_size", type=int, default=1, help="sequences per forward pass")
     parser.add_argument("--prefill_len", type=int, default=128, help="prompt tokens per sequence")
@@ -32,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Profile MODEL_DIR (and its dense base), print a table, optionally write JSON; 0 on success."""
+    from llama_pruning.evaluation.speed import compare, format_report
+
     report = compare(
         args.model_dir,
         base_model=args.base_model,

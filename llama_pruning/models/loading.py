@@ -18,8 +18,8 @@ from transformers import (
 )
 
 from llama_pruning.models.arch import check_supported
+from llama_pruning.options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
