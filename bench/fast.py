@@ -6,7 +6,8 @@
 Each row runs the README's first command's `python global_pruning.py ...` part (read from README.md, so it is the
 command users run) in a subprocess with a fresh run folder, packaged data only (LLAMA_PRUNING_DATA unset) and the
 model cache already warm (the one-time GGUF conversion is not counted). The machine's load average before and
-after each row is recorded with it, since other work on a 2-core machine changes the wall time a lot.
+after each row and the run's CPU time (user + sys) are recorded with it, since other work on a 2-core machine
+changes the wall time a lot.
 Rows are appended to bench/results_fast.jsonl; bench/results_fast.md says what they mean.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -44,15 +46,18 @@ def run_row(name: str, extra: list[str], threads: int | None) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "global_pruning.py", *readme_job(), *extra, "--output_root", out]
         load_before = os.getloadavg()
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
         load_after = os.getloadavg()
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
         metrics = json.loads((Path(out) / "global_pruning" / "metrics.json").read_text())
         tail = [line for line in proc.stdout.splitlines() if line.strip()][-3:]
-    return {"name": name, "args": " ".join(readme_job() + extra), "wall_seconds": round(seconds, 1),
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
+    return {"name": name, "args": " ".join(readme_job() + extra), "wall_seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
             "wikitext2 PPL after pruning": metrics["wikitext2 PPL after pruning"],
             "pruning seconds": metrics["pruning seconds"], "params_after": metrics["params_after"],
             "cpu_count": os.cpu_count(), "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS"),

@@ -73,7 +73,7 @@ def positive_int(text: str) -> int:
 
 
 # --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
-FAST_SETTINGS = {"num_samples": 32, "reconstruct_samples": 32}
+FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8}
 
 
 class FastAction(argparse.Action):
