@@ -272,3 +272,19 @@ def test_load_model_reads_saved_pruned_folder(tmp_path):
     x = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         assert torch.equal(again(x).logits, pruned(x).logits)
+
+
+@pytest.mark.parametrize("remove_blocks", [False, True])
+def test_strategy_plot_mentions_deleted_layers_only_when_there_are_some(tmp_path, monkeypatch, remove_blocks):
+    from matplotlib.figure import Figure
+
+    from llama_pruning.reporting import plot_pruning_strategy
+
+    model = tiny_model()
+    plan = random_plan(model, seed=1, remove_blocks=remove_blocks)
+    labels = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: labels.append(fig.axes[-1].get_xlabel()))
+    plot_pruning_strategy(plan, plan.param_report(model), tmp_path / "p.png", "title", [1.0] * plan.num_layers,
+                          layer_score_label="layer importance\n(block_influence)")
+    assert bool(plan.removed_layers) == remove_blocks
+    assert labels == ["layer (red: deleted)" if remove_blocks else "layer"]
