@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import send_to_device
@@ -22,13 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llama_pruning.models.arch import capture_layer_inputs, decoder_layers
+from llama_pruning.options import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES  # noqa: F401 (re-exported)
 from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
-
-MODES = ("none", "bias", "lsq")
-DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
-DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
-DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 
 
 class ReconstructionError(ValueError):
@@ -155,9 +152,10 @@ def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Ten
 
 
 def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
-              dense_hidden: list[torch.Tensor] | None) -> None:
+              dense_hidden: list[torch.Tensor] | None, step: Callable[[], object]) -> None:
     """Run the dense `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
-    with a dense stream, advance it through the same block too and record the drift between the two outputs."""
+    with a dense stream, advance it through the same block too and record the drift between the two outputs.
+    `step` is called after each batch (the progress bar)."""
     for b, x in enumerate(hidden):
         if stats is not None:
             handle = module.register_forward_pre_hook(stats)
@@ -169,6 +167,7 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
             dense_hidden[b] = block(dense_hidden[b], b)
             if stats is not None:
                 stats.add_drift(dense_hidden[b] - out)
+        step()
 
 
 def _reconstruct_layer(
@@ -182,6 +181,7 @@ def _reconstruct_layer(
     solve_dtype: torch.dtype,
     dense_hidden: list[torch.Tensor] | None = None,
     drift_weight: float = 0.0,
+    step: Callable[[], object] = lambda: None,
 ) -> None:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place.
 
@@ -200,7 +200,7 @@ def _reconstruct_layer(
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
     o_stats = InputStats(spec.num_heads * spec.head_dim, solve_dtype, device, width) if attn_cut else None
     dense_o = layer.self_attn.o_proj.weight if attn_cut else None
-    _fit_pass(attention, layer.self_attn.o_proj, o_stats, hidden, dense_hidden)
+    _fit_pass(attention, layer.self_attn.o_proj, o_stats, hidden, dense_hidden, step)
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut else layer.mlp
     dense_norm = layer.post_attention_layernorm
@@ -213,7 +213,8 @@ def _reconstruct_layer(
 
     # the dense MLP's down_proj input, on the residual stream after the *pruned* attention
     m_stats = InputStats(spec.intermediate_size, solve_dtype, device, width) if mlp_cut else None
-    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp.down_proj, m_stats, hidden, dense_hidden)
+    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp.down_proj, m_stats, hidden, dense_hidden,
+              step)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight)
@@ -279,11 +280,16 @@ def prune_with_reconstruction(
             hidden = send_to_device(inputs, device)
             dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
-            for i in tqdm(range(len(layers)), desc=f"reconstruct ({mode})", disable=not progress):
-                layer = layers[i].to(device)
-                _reconstruct_layer(layer, plan, i, hidden, send_to_device(kwargs[i], device), mode, ridge, solve_dtype,
-                                   dense_hidden, drift_weight)
-                layers[i] = layer.to(home)
+            # one tick per batch and block (attention, MLP) of every layer, the ETA averaged over the whole run so far:
+            # it is shown, and steady, from the first batches of the first layer on
+            with tqdm(total=2 * len(layers) * len(hidden), desc=f"reconstruct ({mode})", unit="pass", smoothing=0,
+                      disable=not progress) as bar:
+                for i in range(len(layers)):
+                    bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
+                    layer = layers[i].to(device)
+                    _reconstruct_layer(layer, plan, i, hidden, send_to_device(kwargs[i], device), mode, ridge,
+                                       solve_dtype, dense_hidden, drift_weight, bar.update)
+                    layers[i] = layer.to(home)
     finally:
         model.train(was_training)
     return finalize(model, plan)

@@ -1,15 +1,15 @@
-"""Shared fixtures: the real SmolLM2-135M is loaded once per test session."""
+"""Shared fixtures: the real SmolLM2-135M is loaded once per test session; data comes from the package."""
 
 from __future__ import annotations
 
-import os
+import lzma
 from pathlib import Path
 
 import pytest
 
+# the developers' copy beside the checkout; only cross-checks against the packaged data use it
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if "LLAMA_PRUNING_DATA" not in os.environ and SHARED_DATA.is_dir():
-    os.environ["LLAMA_PRUNING_DATA"] = str(SHARED_DATA)
+PACKAGED_FILES = ("wikitext2/wiki.valid.tokens", "wikitext2/wiki.test.raw")
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +21,23 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    """The offline data folder (../shared/data) or skip when it is absent."""
-    path = Path(os.environ.get("LLAMA_PRUNING_DATA", SHARED_DATA))
-    if not (path / "wikitext2").is_dir():
-        pytest.skip("offline data folder not available")
+def data_dir(tmp_path_factory) -> Path:
+    """A folder in the LLAMA_PRUNING_DATA layout holding the packaged WikiText-2 files, decompressed (always there)."""
+    from llama_pruning.data.sources import packaged_data
+
+    path = tmp_path_factory.mktemp("data")
+    for name in PACKAGED_FILES:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(lzma.decompress(packaged_data().joinpath(f"{name}.xz").read_bytes()))
     return path
+
+
+@pytest.fixture
+def no_packaged_data(monkeypatch, tmp_path) -> None:
+    """Hide the packaged data, as in an install without it, so LLAMA_PRUNING_DATA and the hub are consulted."""
+    from llama_pruning.data import sources
+
+    monkeypatch.setattr(sources, "packaged_data", lambda: tmp_path / "no-packaged-data")
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,7 @@ def test_global_end_to_end_and_replay(tmp_path, data_dir):
                  "--reconstruct", "none", "--save_model", "--test_after_prune", "--eval_max_windows", "2", *FAST])
     assert code == 0
     run = out / "g"
-    for name in ("description.txt", "global_group_table.csv", "pruning_plan.json", "pruning_strategy.png",
+    for name in ("description.txt", "unit_table.csv", "pruning_plan.json", "pruning_strategy.png",
                  "metrics.json", "config.json", "model.safetensors", "tokenizer.json"):
         assert (run / name).is_file(), name
     logs = list(run.glob("2*/training.log"))
@@ -57,6 +57,8 @@ def test_layer_end_to_end(tmp_path, data_dir):
     description = (out / "l" / "description.txt").read_text()
     log = next((out / "l").glob("2*/training.log")).read_text()
     assert "bias reconstruction on 6 x 32 tokens (ridge 3000 tokens = 15.6 relative, drift 0.25)" in log
+    assert "importance: taylor (units), block_influence (layers) on 4 x 32 tokens of wikitext2" in log
+    assert (out / "l" / "unit_table.csv").is_file() and not (out / "l" / "global_group_table.csv").exists()
     assert "PPL after pruning, before recovery" in description and "PPL after recovery" in description
     assert (out / "l" / "finetune_loss.png").is_file()
     config = json.loads((out / "l" / "layer_importance_config.json").read_text())
@@ -111,3 +113,21 @@ def test_help_lists_every_flag():
         text = build_parser(command).format_help()
         for flag in flags:
             assert flag in text, (command, flag)
+
+
+def test_help_shows_defaults_without_importing_torch():
+    """`--help` states the defaults and answers at once: the parsers are built without torch or transformers."""
+    code = ("import sys\nfrom llama_pruning.cli.main import build_parser\n"
+            "texts = [build_parser(c).format_help() for c in (None, 'global', 'layer', 'eval')]\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'pandas', 'peft') if m in sys.modules))\n"
+            "print(texts[1])")
+    proc = run_cli("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    loaded, text = proc.stdout.split("\n", 1)
+    assert loaded == "[]"
+    text = " ".join(text.split())  # argparse wraps lines
+    for shown in ("to remove (default: 0.2)", "unit importance metric (default: taylor)", "calibration windows (default: 64)",
+                  "tokens per calibration window (default: 128)", "(see docs/RECONSTRUCTION.md) (default: lsq)",
+                  "(default: cuda when available, else cpu)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text

@@ -227,6 +227,13 @@ def test_save_non_uniform_plan_needs_only_transformers(tmp_path, family, bias):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_pruned.Pruned")
     assert len(config["pruned_layout"]) == config["num_hidden_layers"] == 3
+    kv, widths = ([entry[key] for entry in config["pruned_layout"]] for key in ("num_key_value_heads", "intermediate_size"))
+    summary = config["pruned_summary"]  # the real shapes where a reader of config.json looks
+    assert summary["num_key_value_heads"] == {"min": min(kv), "max": max(kv), "total": sum(kv)}
+    assert summary["num_attention_heads"] == {"min": 2 * min(kv), "max": 2 * max(kv), "total": 2 * sum(kv)}
+    assert summary["intermediate_size"] == {"min": min(widths), "max": max(widths), "total": sum(widths)}
+    assert summary["layers_without_attention"] == [i for i, n in enumerate(kv) if n == 0] != []
+    assert summary["layers_without_mlp"] == [i for i, n in enumerate(widths) if n == 0] != []
     x = torch.randint(0, 97, (2, 9))
     logits, cls = reload_logits(out, x, remote=True, tmp_path=tmp_path)
     assert cls.startswith("Pruned")
@@ -265,3 +272,19 @@ def test_load_model_reads_saved_pruned_folder(tmp_path):
     x = torch.randint(0, 97, (1, 5))
     with torch.no_grad():
         assert torch.equal(again(x).logits, pruned(x).logits)
+
+
+@pytest.mark.parametrize("remove_blocks", [False, True])
+def test_strategy_plot_mentions_deleted_layers_only_when_there_are_some(tmp_path, monkeypatch, remove_blocks):
+    from matplotlib.figure import Figure
+
+    from llama_pruning.reporting import plot_pruning_strategy
+
+    model = tiny_model()
+    plan = random_plan(model, seed=1, remove_blocks=remove_blocks)
+    labels = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: labels.append(fig.axes[-1].get_xlabel()))
+    plot_pruning_strategy(plan, plan.param_report(model), tmp_path / "p.png", "title", [1.0] * plan.num_layers,
+                          layer_score_label="layer importance\n(block_influence)")
+    assert bool(plan.removed_layers) == remove_blocks
+    assert labels == ["layer (red: deleted)" if remove_blocks else "layer"]

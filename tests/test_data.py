@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import lzma
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from llama_pruning.data import (
     sources,
     tokenize_text,
 )
+from tests.conftest import SHARED_DATA
 
 
 def word_tokenizer(text: str) -> PreTrainedTokenizerFast:
@@ -47,7 +50,7 @@ def test_wikitext_test_rows_follow_protocol(data_dir):
     expected = [line for line in path.read_bytes().decode("utf-8").replace("\r\n", "\n").split("\n") if line.strip()]
     source = load_text("wikitext2", "evaluation")
     assert source.label == "wikitext2 (wikitext-2-raw-v1)"
-    assert source.origin == str(path)
+    assert source.origin == "wikitext2/wiki.test.raw (packaged with llama-pruning)"
     assert source.rows == expected
     assert len(source.rows) == 2891
     assert source.rows[0] == " = Robert Boulter = "
@@ -57,7 +60,7 @@ def test_wikitext_test_rows_follow_protocol(data_dir):
 
 def test_wikitext_calibration_reads_valid_tokens_without_bom(data_dir):
     source = load_text("wikitext2", "calibration")
-    assert source.origin == str(data_dir / "wikitext2" / "wiki.valid.tokens")
+    assert source.origin == "wikitext2/wiki.valid.tokens (packaged with llama-pruning)"
     assert source.rows[0] == " = Homarus gammarus = "  # BOM dropped, the whitespace-only row before it skipped
     assert all(row.strip() for row in source.rows)
     assert get_text_rows("wikitext2") == source.rows
@@ -153,7 +156,7 @@ def test_offline_layout_for_ptb_and_c4(tmp_path, monkeypatch, offline_only):
         load_text("ptb", "calibration")
 
 
-def test_errors_are_one_clear_line(tmp_path, monkeypatch, offline_only):
+def test_errors_are_one_clear_line(tmp_path, monkeypatch, offline_only, no_packaged_data, capsys):
     with pytest.raises(DataError, match="unknown dataset 'wikitext3': choose one of wikitext2, ptb, c4"):
         load_text("wikitext3")
     with pytest.raises(DataError, match="text file not found"):
@@ -165,15 +168,72 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch, offline_only):
         load_text("wikitext2", "calibration")
     message = str(err.value)
     assert "\n" not in message
-    assert "wikitext2/wiki.train.raw or wikitext2/wiki.valid.tokens" in message
-    assert f"{DATA_ENV}={tmp_path}" in message and "Pass a local .txt/.jsonl file" in message
-    monkeypatch.delenv(DATA_ENV)
-    with pytest.raises(DataError, match=f"{DATA_ENV} is not set"):
+    assert "no offline wiki.valid.tokens" in message and "wiki.train.raw" not in message
+    assert f"not in {DATA_ENV}={tmp_path} (expected {tmp_path / 'wikitext2' / 'wiki.valid.tokens'})" in message
+    assert "pass --dataset with a local .txt/.jsonl file" in message
+    # the hub attempt is announced once, before it starts
+    assert capsys.readouterr().err.count("trying the Hugging Face hub: datasets.load_dataset('wikitext'") == 1
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=f"no offline wiki.test.raw \\({DATA_ENV}={tmp_path / 'nowhere'} does not exist\\)"):
         load_text("wikitext2")
+    monkeypatch.delenv(DATA_ENV)
+    with pytest.raises(DataError, match=f"{DATA_ENV} is not set") as err:
+        load_text("wikitext2")
+    assert "--dataset" not in str(err.value)  # evaluation text does not come from --dataset
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 has no string field 'text'"):
         load_text(str(bad))
+
+
+def test_packaged_wikitext_is_the_benchmark_data_byte_for_byte():
+    """The shipped files decompress to the exact bytes recorded (and to ../shared/data's copy when it is there)."""
+    for split in ("calibration", "evaluation"):
+        packaged = sources.DATASETS["wikitext2"].splits[split].packaged
+        raw = lzma.decompress(sources.packaged_data().joinpath(f"{packaged.name}.xz").read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == packaged.sha256
+        if SHARED_DATA.is_dir():
+            assert raw == (SHARED_DATA / packaged.name).read_bytes()
+    assert sources.packaged_data().joinpath("wikitext2/LICENSE").read_text().count("CC BY-SA 3.0") == 1
+
+
+def test_packaged_data_comes_first_and_equals_the_offline_folder(data_dir, monkeypatch, offline_only):
+    reference = SHARED_DATA if SHARED_DATA.is_dir() else data_dir
+    monkeypatch.setenv(DATA_ENV, str(reference))
+    packaged = {split: load_text("wikitext2", split) for split in ("calibration", "evaluation")}
+    assert all(source.origin.endswith("(packaged with llama-pruning)") for source in packaged.values())
+    monkeypatch.setattr(sources, "packaged_data", lambda: reference / "absent")
+    for split, source in packaged.items():
+        offline = load_text("wikitext2", split)
+        assert offline.origin == str(reference / sources.DATASETS["wikitext2"].splits[split].offline_files[0])
+        assert offline.rows == source.rows and offline.text == source.text
+
+
+def test_corrupt_packaged_file_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.test.raw.xz").write_bytes(lzma.compress(b" = Robert Boulter = \r\n"))
+    monkeypatch.setattr(sources, "packaged_data", lambda: tmp_path)
+    with pytest.raises(DataError, match=r"packaged wikitext2/wiki.test.raw is corrupt .*reinstall llama-pruning"):
+        load_text("wikitext2")
+
+
+@pytest.mark.slow
+def test_packaged_windows_equal_the_offline_folder_windows(smollm2, data_dir, monkeypatch):
+    """Calibration windows and evaluation windows (the PPL protocol) are identical tensors from either source."""
+    from llama_pruning.data import split_windows
+
+    _, tokenizer = smollm2
+    monkeypatch.setenv(DATA_ENV, str(SHARED_DATA if SHARED_DATA.is_dir() else data_dir))
+
+    def windows() -> tuple[torch.Tensor, torch.Tensor]:
+        calibration = get_calibration_samples(tokenizer, "wikitext2", 256, 128, seed=0)
+        return calibration, split_windows(tokenize_text(tokenizer, get_eval_text("wikitext2")), 128)
+
+    calibration, evaluation = windows()
+    monkeypatch.setattr(sources, "packaged_data", lambda: data_dir / "absent")
+    offline_calibration, offline_evaluation = windows()
+    assert calibration.shape == (256, 128) and evaluation.shape[0] > 128
+    assert torch.equal(calibration, offline_calibration) and torch.equal(evaluation, offline_evaluation)
 
 
 def test_calibration_refuses_an_evaluation_file(data_dir):

@@ -289,3 +289,13 @@ def test_smollm2_lsq_lowers_held_out_loss(smollm2, data_dir):
         with torch.no_grad():
             losses[mode] = pruned(held_out, labels=held_out).loss.item()
     assert losses["lsq"] < losses["none"] - 0.5
+
+
+def test_progress_counts_every_batch_of_every_block(capsys):
+    """The bar advances per calibration batch of each block (attention, MLP) of each layer, so its ETA exists and
+    is averaged over real work from the first batches on; it ends exactly at its total."""
+    dense = tiny_model()
+    prune_with_reconstruction(dense, random_plan(dense, seed=2), _ids(6, 8, 0), "lsq", batch_size=2)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    layers, batches = 4, 3
+    assert f" {2 * layers * batches}/{2 * layers * batches} " in bar and "layer 4/4" in bar and "pass/s" in bar

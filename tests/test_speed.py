@@ -83,6 +83,8 @@ def test_eval_command_end_to_end(tmp_path, capsys):
         assert report[side]["prefill_tokens_per_s"] > 0 and report[side]["decode_tokens_per_s"] > 0
     table = capsys.readouterr().out
     assert "pruned/dense" in table and "decode tokens/s" in table
+    assert table.startswith("measured on cpu in float32 with batch size 1, prompts of 8 tokens, 2 greedy decode steps; "
+                            "fastest of 1 timed runs")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

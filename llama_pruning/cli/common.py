@@ -14,22 +14,34 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pandas as pd
-import torch
-from torch import nn
+from llama_pruning.options import (
+    DEFAULT_DRIFT,
+    DEFAULT_MODEL,
+    DEFAULT_RIDGE,
+    DEFAULT_SAMPLES,
+    DEFAULT_TAYLOR_2ND_VARIANT,
+    METHODS,
+    MODES,
+    OUTTYPES,
+    TAYLOR_2ND_VARIANTS,
+)
 
-from llama_pruning.evaluation.speed import peak_rss_bytes
-from llama_pruning.models.arch import config_geometry, count_params, model_spec
-from llama_pruning.models.loading import DEFAULT_MODEL, check_device, check_model, default_device, load_model
-from llama_pruning.plan import PLAN_FILENAME, PlanError, PruningPlan
-from llama_pruning.reporting import RunDir, plot_pruning_strategy, write_description
+if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `--help` answers at once
+    import pandas as pd
+    import torch
+    from torch import nn
 
-# (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
-Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
-# a command's own checks of its flags against the model's layer count, run before anything is loaded
-Check = Callable[[argparse.Namespace, int], None]
+    from llama_pruning.plan import PruningPlan
+    from llama_pruning.reporting import RunDir
+
+    # (plan, group table or None, layer scores or None) from (model, args, samples, importance table)
+    Selector = Callable[[nn.Module, argparse.Namespace, torch.Tensor, pd.DataFrame], tuple]
+    # a command's own checks of its flags against the model's layer count, run before anything is loaded
+    Check = Callable[[argparse.Namespace, int], None]
+
+UNIT_TABLE = "unit_table.csv"  # every unit of the run: importance, cost, score, pruned (global and layer-wise runs)
 
 
 def ratio(text: str) -> float:
@@ -71,11 +83,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+# --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
+FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8}
+
+
+class FastAction(argparse.Action):
+    """`--fast` sets FAST_SETTINGS as if those flags were written in its place (flags after it still override)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        for name, value in FAST_SETTINGS.items():
+            setattr(namespace, name, value)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
-    from llama_pruning.importance import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS
-    from llama_pruning.models.gguf_export import OUTTYPES
-    from llama_pruning.reconstruct import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
     p = parser.add_argument_group("model and run")
@@ -84,7 +106,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--save_ckpt_log_name", default=default_name, help="run folder name under --output_root")
     p.add_argument("--output_root", default="prune_log", help="folder that holds the run folders")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder, only once this run has finished")
-    p.add_argument("--device", default=default_device(), help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the model is loaded and pruned in (auto: the checkpoint's own on cuda, float32 on cpu)")
     p.add_argument("--dry_run", action="store_true",
@@ -94,6 +116,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--plan", type=Path, default=None, help="replay a saved pruning_plan.json (no importance pass)")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow the base model's own Python code to run (never needed for folders llama-pruning wrote)")
+    p.add_argument("--fast", nargs=0, action=FastAction, default=False,
+                   help="cheaper settings for a first try, lower quality (bench/results_fast.md): the same as "
+                        + " ".join(f"--{name} {value}" for name, value in FAST_SETTINGS.items()))
     p = parser.add_argument_group("importance")
     p.add_argument("--pruning_ratio", type=ratio, default=0.2,
                    help="fraction of the model's TOTAL parameters (embeddings included) to remove")
@@ -136,6 +161,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -147,6 +175,14 @@ def _ppl(model: nn.Module, tokenizer, args: argparse.Namespace) -> float:
     result = PPLMetric(model, tokenizer, datasets=["wikitext2"], seq_len=128, device=args.device,
                        max_windows=args.eval_max_windows or None)
     return float(next(iter(result.values())))
+
+
+def importance_label(args: argparse.Namespace) -> str:
+    """The importance a run used, in words: layer-wise runs rank units and layers by different measures."""
+    layer_method = getattr(args, "layer_importance_method", None)
+    if layer_method is None:
+        return args.importance_method
+    return f"{args.importance_method} (units), {layer_method} (layers)"
 
 
 def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor) -> pd.DataFrame:
@@ -185,7 +221,11 @@ def _check_text(dataset: str, split: str, why: str) -> None:
 def check_inputs(args: argparse.Namespace, check: Check | None = None) -> PruningPlan | None:
     """Every flag and input file, checked after reading the model's config and before any weights or data are
     loaded, so a long run never fails at its end on bad input; returns the replayed plan, if any."""
+    from llama_pruning.models.arch import config_geometry
+    from llama_pruning.models.loading import check_device, check_model
+    from llama_pruning.plan import PlanError, PruningPlan
     from llama_pruning.recovery.config import RecoveryConfig
+    from llama_pruning.reporting import RunDir
 
     RunDir.check(args.output_root, args.save_ckpt_log_name, args.overwrite)
     check_device(args.device)
@@ -227,8 +267,7 @@ def prepare_gguf(args: argparse.Namespace) -> None:
 def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
     """The memory model's projection for this command's model, dtype, device and flags (llama_pruning/memory.py)."""
     from llama_pruning import memory
-    from llama_pruning.models.loading import pick_dtype
-    from llama_pruning.reconstruct import DEFAULT_SAMPLES
+    from llama_pruning.models.loading import check_model, pick_dtype
 
     config = check_model(args.base_model, args.trust_remote_code)
     dtype = pick_dtype(args.dtype, args.device)
@@ -243,14 +282,18 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
 def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: Check | None = None) -> int:
     """The whole pipeline of a pruning command; returns the exit code."""
     from llama_pruning.data import get_calibration_samples
-    from llama_pruning.reconstruct import DEFAULT_SAMPLES, prune_with_reconstruction
+    from llama_pruning.models.arch import count_params, model_spec
+    from llama_pruning.models.loading import default_device, load_model
+    from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.recovery import recover
+    from llama_pruning.reporting import RunDir
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # every rank would prune and write the same run folder
         raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
+    args.device = args.device or default_device()
     prepare_gguf(args)
     if args.dry_run:
         text, fits = memory_projection(args)
@@ -288,7 +331,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
             args.pruning_ratio = plan.metadata.get("pruning_ratio")
             plan.metadata["replayed_from"] = str(args.plan)
         else:
-            log(f"importance: {args.importance_method} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
+            log(f"importance: {importance_label(args)} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
             table = importance_table(model, args, samples)
             plan, groups, layer_scores = select(model, args, samples, table)
         plan.metadata.update({"command": title, "importance_method": args.importance_method,
@@ -344,15 +387,21 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
 
 def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,
                    layer_scores, metrics: dict, title: str) -> None:
+    import torch
+
+    from llama_pruning.evaluation.speed import peak_rss_bytes
     from llama_pruning.models.export import save_pruned_model
+    from llama_pruning.plan import PLAN_FILENAME
+    from llama_pruning.reporting import plot_pruning_strategy, write_description
 
     path = run.path
     plan.save(path / PLAN_FILENAME)
     if groups is not None:
-        groups.to_csv(path / "global_group_table.csv", index=False)
+        groups.to_csv(path / UNIT_TABLE, index=False)
     plot_pruning_strategy(plan, report, path / "pruning_strategy.png",
-                          f"{title}: {args.importance_method}, {1 - report['params_after'] / report['params_before']:.1%} "
-                          "of parameters removed", layer_scores)
+                          f"{title}: {importance_label(args)}, {1 - report['params_after'] / report['params_before']:.1%} "
+                          "of parameters removed", layer_scores,
+                          layer_score_label=f"layer importance\n({getattr(args, 'layer_importance_method', '')})")
     metrics["peak RSS MiB"] = round((peak_rss_bytes() or 0) / 2**20, 1)
     if torch.cuda.is_available() and str(args.device).startswith("cuda"):
         metrics["peak CUDA memory MiB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from llama_pruning import atomic
 from llama_pruning.cli.common import positive_int
-from llama_pruning.evaluation.speed import base_model_of, compare, format_report
-from llama_pruning.models.loading import check_device, check_model, default_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base_model", default=None,
                         help="dense model to compare with (default: base_model of MODEL_DIR/pruning_plan.json; "
                              "smollm2-135m, an HF id or a folder)")
-    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda when available)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch_size", type=positive_int, default=1, help="sequences per forward pass")
     parser.add_argument("--prefill_len", type=positive_int, default=128, help="prompt tokens per sequence")
@@ -37,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Profile MODEL_DIR (and its dense base), print a table, optionally write JSON; 0 on success."""
+    from llama_pruning.evaluation.speed import base_model_of, compare, format_report
+    from llama_pruning.models.loading import check_device, check_model
+
     check_device(args.device)
     base_model = args.base_model or base_model_of(args.model_dir)
     for name in (args.model_dir, base_model):  # both checked before either is loaded or timed

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_pruning.models.gguf_export import GGUF_TYPES, OUTTYPES, export_gguf
-from llama_pruning.models.loading import DEFAULT_MODEL, SMOLLM2_GGUF, load_model, smollm2_dir
-from llama_pruning.plan import PLAN_FILENAME, PruningPlan
+from llama_pruning.options import DEFAULT_MODEL, GGUF_WRITER_TYPES, OUTTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="RUN_OR_MODEL_DIR",
                         help=f"run folder pruned with --save_model, a saved model folder, {DEFAULT_MODEL} or an HF id")
     parser.add_argument("--outtype", default="f16", choices=OUTTYPES,
-                        help=f"tensor type: {', '.join(GGUF_TYPES)} are written by the gguf package; k-quants "
+                        help=f"tensor type: {', '.join(GGUF_WRITER_TYPES)} are written by the gguf package; k-quants "
                              "(q4_k_m...) by llama.cpp's quantizer (pip install 'llama-pruning[gguf]')")
     parser.add_argument("--out", type=Path, default=None,
                         help="output file (default: model-<outtype>.gguf in the model folder, else in the current folder)")
@@ -25,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def source_gguf(base_model: str) -> Path | None:
     """The GGUF a base model was loaded from (its tokenizer metadata is copied verbatim), if any."""
+    from llama_pruning.models.loading import SMOLLM2_GGUF, smollm2_dir
+
     return smollm2_dir() / SMOLLM2_GGUF if base_model == DEFAULT_MODEL else None
 
 
@@ -34,6 +34,11 @@ def format_counts(counts: dict[str, int]) -> str:
 
 def export_saved_model(model_ref: str, outtype: str, out: Path | None, allow_fallback: bool = False) -> tuple[Path, dict]:
     """Load a saved (pruned) model folder, an alias or an HF id and export it; returns (file, tensors per type)."""
+    from llama_pruning.models.gguf_export import check_outtype, export_gguf
+    from llama_pruning.models.loading import load_model
+    from llama_pruning.plan import PLAN_FILENAME, PruningPlan
+
+    check_outtype(outtype)
     folder = Path(model_ref)
     if folder.is_dir() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no saved model (no config.json): prune with --save_model or --save_gguf")

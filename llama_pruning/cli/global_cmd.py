@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-
-import pandas as pd
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from llama_pruning.cli.common import add_common_arguments, run_pruning
-from llama_pruning.selection import NORMALIZATIONS, global_plan
-from llama_pruning.selection.global_knapsack import check_layer_range, resolve_normalization
+from llama_pruning.options import NORMALIZATIONS
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, table: pd.DataFrame) -> tuple:
+    from llama_pruning.selection import global_plan
+    from llama_pruning.selection.global_knapsack import resolve_normalization
+
     plan, groups = global_plan(
         model, table, args.pruning_ratio, remove_empty_layers=args.remove_empty_layers,
         layer_start=args.layer_start, layer_end=args.layer_end,
@@ -34,6 +38,8 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
 
 
 def check(args: argparse.Namespace, num_layers: int) -> None:
+    from llama_pruning.selection.global_knapsack import check_layer_range
+
     check_layer_range(num_layers, args.layer_start, args.layer_end)
 
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import pandas as pd
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from llama_pruning.cli.common import add_common_arguments, run_pruning
-from llama_pruning.importance import LAYER_METHODS, layer_importance
-from llama_pruning.selection import STRATEGIES, layerwise_plan, parse_distribution
-from llama_pruning.selection.global_knapsack import SelectionError
-from llama_pruning.selection.layerwise import check_layer_counts
+from llama_pruning.options import LAYER_METHODS, STRATEGIES
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from torch import nn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, table: pd.DataFrame) -> tuple:
+    from llama_pruning.importance import layer_importance
+    from llama_pruning.selection import layerwise_plan, parse_distribution
+
     scores = layer_importance(model, samples, args.layer_importance_method, batch_size=args.gradient_batch_size,
                               device=args.device, table=table if args.importance_method == "taylor" else None)
     plan, groups, config = layerwise_plan(
@@ -44,10 +46,15 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
 
 
 def check(args: argparse.Namespace, num_layers: int) -> None:
+    from llama_pruning.selection.layerwise import check_layer_counts
+
     check_layer_counts(num_layers, args.remove_layers, args.freeze_top_n_layers)
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama_pruning.selection import parse_distribution
+    from llama_pruning.selection.global_knapsack import SelectionError
+
     if args.remove_empty_layers:
         raise SelectionError("--remove_empty_layers applies to global pruning only; "
                              "use --remove_layers N for depth pruning here")

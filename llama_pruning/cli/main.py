@@ -15,18 +15,27 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` states every default, except flags that are off by default and help texts that explain theirs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of one command (for the root scripts) or of all of them as sub-commands."""
     if command is not None:
         module, help_text = COMMANDS[command]
-        parser = OneLineParser(description=help_text)
+        parser = OneLineParser(description=help_text, formatter_class=HelpFormatter)
         module.add_arguments(parser)
         parser.set_defaults(func=module.run)
         return parser
     parser = OneLineParser(prog="llama-pruning", description="GQA-aware structured pruning of Llama models")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
     return parser

@@ -6,8 +6,10 @@ split. Resolution order, first hit wins:
 
 1. an explicit local path given as the dataset (`.jsonl` / `.jsonl.gz` / `.json.gz`: one JSON object
    per line with a `text` field; any other file, e.g. `.txt`: plain text, one row per line);
-2. the offline folder named by the `LLAMA_PRUNING_DATA` environment variable (layout in `DATASETS`);
-3. `datasets.load_dataset` from the Hugging Face hub (streamed).
+2. the copy packaged with llama-pruning (wikitext2 only: `llama_pruning/data/wikitext2/*.xz`, decompressed in
+   memory and checked against its sha256, so the default run needs no network and no environment variable);
+3. the offline folder named by the `LLAMA_PRUNING_DATA` environment variable (layout in `DATASETS`);
+4. `datasets.load_dataset` from the Hugging Face hub (streamed), announced once on stderr before it is tried.
 
 Every source is cleaned the same way: rows are read in text mode (universal newlines, a UTF-8 BOM is
 dropped), lose their trailing newline, and rows that are empty or whitespace only are skipped.
@@ -16,10 +18,15 @@ dropped), lose their trailing newline, and rows that are empty or whitespace onl
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
+import lzma
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib import resources
 from itertools import islice
 from pathlib import Path
 from typing import Literal
@@ -36,13 +43,22 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class PackagedFile:
+    """A text file shipped xz-compressed inside the package, with the sha256 of its original bytes."""
+
+    name: str  # relative to llama_pruning/data/, without the .xz suffix
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SplitSource:
-    """Where one split of a named corpus lives, offline and online."""
+    """Where one split of a named corpus lives: packaged, in the offline folder, online."""
 
     hf_split: str
     offline_files: tuple[str, ...]  # relative to the offline folder; the first that exists is used
     data_files: dict[str, str] | None = None
     max_rows: int | None = None  # only the first rows (documents) are read; None = all
+    packaged: PackagedFile | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,10 @@ DATASETS: dict[str, DatasetInfo] = {
         strip_rows=False,
         splits={
             # offline, the tokenized validation release stands in for the (large) train split
-            "calibration": SplitSource("train", ("wikitext2/wiki.train.raw", "wikitext2/wiki.valid.tokens")),
-            "evaluation": SplitSource("test", ("wikitext2/wiki.test.raw",)),
+            "calibration": SplitSource("train", ("wikitext2/wiki.valid.tokens",), packaged=PackagedFile(
+                "wikitext2/wiki.valid.tokens", "e24057b96f875e4ac4a5f347fa6c64438ef8322b6e41abb4d187ef0d4e150505")),
+            "evaluation": SplitSource("test", ("wikitext2/wiki.test.raw",), packaged=PackagedFile(
+                "wikitext2/wiki.test.raw", "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c")),
         },
     ),
     "ptb": DatasetInfo(
@@ -150,24 +168,47 @@ def read_file_rows(path: str | Path, text_field: str = "text", max_rows: int | N
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    jsonl = path.name.endswith(JSONL_SUFFIXES)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8-sig") as handle:  # utf-8-sig drops a leading BOM
-        lines = islice(handle, max_rows)
-        if not jsonl:
-            return list(lines)
-        rows = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number} is not a JSON object: {err}") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataError(f"{path}:{number} has no string field {text_field!r}")
-            rows.append(record[text_field])
-        return rows
+        return _parse_rows(handle, path, text_field, max_rows)
+
+
+def _parse_rows(handle: Iterable[str], path: str | Path, text_field: str, max_rows: int | None) -> list[str]:
+    """Rows of an open text handle: JSON lines when `path` names a JSON-lines file, else one row per line."""
+    lines = islice(handle, max_rows)
+    if not str(path).endswith(JSONL_SUFFIXES):
+        return list(lines)
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number} is not a JSON object: {err}") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{path}:{number} has no string field {text_field!r}")
+        rows.append(record[text_field])
+    return rows
+
+
+def packaged_data() -> resources.abc.Traversable:
+    """The folder of text files shipped inside the package (llama_pruning/data/)."""
+    return resources.files(__package__)
+
+
+def read_packaged_rows(packaged: PackagedFile) -> list[str] | None:
+    """Raw rows of a packaged file (None when it is not installed); its bytes must match the recorded sha256."""
+    path = packaged_data().joinpath(f"{packaged.name}.xz")
+    if not path.is_file():
+        return None
+    raw = lzma.decompress(path.read_bytes())
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != packaged.sha256:
+        raise DataError(f"packaged {packaged.name} is corrupt (sha256 {digest[:12]}..., expected "
+                        f"{packaged.sha256[:12]}...): reinstall llama-pruning")
+    # text mode as for a local file: universal newlines, a leading BOM dropped
+    return _parse_rows(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8-sig"), packaged.name, "text", None)
 
 
 def offline_dir() -> Path | None:
@@ -201,23 +242,41 @@ def load_text(dataset: str, split: Split = "evaluation") -> TextSource:
             f"or give a path to a {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} file"
         )
     src = info.splits[split]
+    if src.packaged is not None:
+        rows = read_packaged_rows(src.packaged)
+        if rows is not None:
+            origin = f"{src.packaged.name} (packaged with llama-pruning)"
+            return TextSource(info.label, origin, clean_rows(rows, info.strip_rows), info.joiner)
     folder = offline_dir()
     if folder is not None:
         for name in src.offline_files:
             if (folder / name).is_file():
                 rows = read_file_rows(folder / name, info.text_field, src.max_rows)
                 return TextSource(info.label, str(folder / name), clean_rows(rows, info.strip_rows), info.joiner)
+    print(f"{dataset} ({split} split) is not available offline; trying the Hugging Face hub: {info.hub_call(split)}",
+          file=sys.stderr, flush=True)
     try:
         rows = _hub_rows(info, split)
     except Exception as err:  # any failure to reach the hub becomes one actionable message
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        where = f"{DATA_ENV}={folder}" if folder is not None else f"{DATA_ENV} is not set"
-        raise DataError(
-            f"cannot load {dataset} ({split} split): no offline file {' or '.join(src.offline_files)} "
-            f"({where}), and {info.hub_call(split)} failed ({reason}). Pass a local .txt/.jsonl file as the "
-            f"dataset, or set {DATA_ENV} to a folder holding {src.offline_files[0]}"
-        ) from None
+        raise DataError(_unreachable_message(dataset, split, info, folder, err)) from None
     return TextSource(info.label, info.hub_call(split), clean_rows(rows, info.strip_rows), info.joiner)
+
+
+def _unreachable_message(dataset: str, split: str, info: DatasetInfo, folder: Path | None, err: Exception) -> str:
+    """One line: which offline files were looked for and where, why the hub failed, and what to do."""
+    src = info.splits[split]
+    files = " or ".join(Path(name).name for name in src.offline_files)
+    if folder is None:
+        where = f"{DATA_ENV} is not set"
+    elif not folder.is_dir():
+        where = f"{DATA_ENV}={folder} does not exist"
+    else:
+        where = f"not in {DATA_ENV}={folder} (expected {' or '.join(str(folder / n) for n in src.offline_files)})"
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    advice = (f"pass --dataset with a local .txt/.jsonl file, or set {DATA_ENV} to a folder holding {src.offline_files[0]}"
+              if split == "calibration" else f"set {DATA_ENV} to a folder holding {src.offline_files[0]}")
+    return (f"cannot load {dataset} ({split} split): no offline {files} ({where}), and {info.hub_call(split)} "
+            f"failed ({reason}); {advice}")
 
 
 def get_text_rows(dataset: str, split: Split = "calibration") -> list[str]:

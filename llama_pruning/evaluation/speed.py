@@ -128,6 +128,10 @@ def measure_speed(
                 decode_times.append(end - middle)
     prefill_s, decode_s = min(prefill_times), min(decode_times)
     return {
+        "batch_size": batch_size,
+        "prefill_len": prefill_len,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "prefill_tokens_per_s": batch_size * prefill_len / prefill_s,
@@ -259,7 +263,11 @@ def format_report(report: dict) -> str:
             ratio = report["ratios"].get(key)
             line.append("n/a" if ratio is None else f"{ratio:.3f}")
         cells[label] = line
-    text = [pd.DataFrame.from_dict(cells, orient="index", columns=names).to_string()]
+    run = report["pruned"]
+    text = [f"measured on {run['device']} in {run['dtype']} with batch size {run['batch_size']}, prompts of "
+            f"{run['prefill_len']} tokens, {run['decode_tokens']} greedy decode steps; fastest of {run['repeats']} "
+            "timed runs after a warm-up",
+            pd.DataFrame.from_dict(cells, orient="index", columns=names).to_string()]
     for name in columns:
         shapes = report[name]["layers"]
         text.append(f"{name} ({len(shapes)} layers) kv heads:     {' '.join(str(s['kv_heads']) for s in shapes)}")

@@ -27,8 +27,7 @@ from llama_pruning.importance.runtime import (
 )
 from llama_pruning.importance.unit import compute_importance
 from llama_pruning.models.arch import decoder_layers, model_spec
-
-LAYER_METHODS = ("block_influence", "removal", "taylor")
+from llama_pruning.options import LAYER_METHODS
 
 
 @torch.no_grad()

@@ -42,10 +42,7 @@ from llama_pruning.importance.units import (
     unit_sum_squares,
 )
 from llama_pruning.models.arch import ModelSpec, model_spec
-
-METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
-TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
-DEFAULT_TAYLOR_2ND_VARIANT = "mix"
+from llama_pruning.options import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS  # noqa: F401 (re-exported)
 
 Key = tuple[int, str]  # (layer_idx, group_type)
 Columns = dict[str, dict[Key, torch.Tensor]]

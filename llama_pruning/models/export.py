@@ -39,6 +39,23 @@ def is_vanilla(layout: list[dict], spec: ModelSpec) -> bool:
     )
 
 
+def pruned_summary(layout: list[dict], spec: ModelSpec) -> dict:
+    """The real per-layer shapes in brief, for readers of config.json: its top-level head counts and
+    intermediate_size stay the base model's (the modeling code builds each layer from `pruned_layout`)."""
+    kv_heads = [entry["num_key_value_heads"] for entry in layout]
+    widths = [entry["intermediate_size"] for entry in layout]
+    return {
+        "note": "per-layer shapes are in pruned_layout; num_attention_heads, num_key_value_heads and "
+                "intermediate_size above are the base model's",
+        "num_key_value_heads": {"min": min(kv_heads), "max": max(kv_heads), "total": sum(kv_heads)},
+        "num_attention_heads": {"min": min(kv_heads) * spec.n_rep, "max": max(kv_heads) * spec.n_rep,
+                                "total": sum(kv_heads) * spec.n_rep},
+        "intermediate_size": {"min": min(widths), "max": max(widths), "total": sum(widths)},
+        "layers_without_attention": [i for i, n in enumerate(kv_heads) if n == 0],
+        "layers_without_mlp": [i for i, n in enumerate(widths) if n == 0],
+    }
+
+
 def export_config(model: nn.Module, plan: PruningPlan | None):
     """The config to write: vanilla fields when the shapes allow it, else pruned layout + auto_map."""
     config = copy.deepcopy(model.config)
@@ -56,6 +73,7 @@ def export_config(model: nn.Module, plan: PruningPlan | None):
         config.intermediate_size = layout[0]["intermediate_size"]
         config.architectures = [_STOCK[config.model_type]]
         return config
+    config.pruned_summary = pruned_summary(layout, spec)
     name = modeling_pruned.PRUNED_CLASSES[config.model_type].__name__
     config.architectures = [name]
     setattr(config, FORMAT_KEY, FORMAT_VERSION)

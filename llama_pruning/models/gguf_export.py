@@ -32,14 +32,12 @@ from transformers import PreTrainedTokenizerBase
 from llama_pruning.atomic import atomic_path, temp_sibling
 from llama_pruning.models.arch import ModelSpec, decoder_layers
 from llama_pruning.models.gguf_vocab import add_hf_tokenizer, copy_tokenizer_fields
+from llama_pruning.options import GGUF_WRITER_TYPES, LLAMA_CPP_TYPES, OUTTYPES  # noqa: F401 (re-exported)
 
 Q = gguf.GGMLQuantizationType
 # written by the gguf package (2-D weights; 1-D tensors stay F32, as llama.cpp expects)
-GGUF_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1,
-              "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}
-# llama.cpp's own mixtures (k-quants, 256-element blocks), produced by its quantizer through llama-cpp-python
-LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
-OUTTYPES = (*GGUF_TYPES, *LLAMA_CPP_TYPES)
+GGUF_TYPES = {name: Q[name.upper()] for name in GGUF_WRITER_TYPES}
+# LLAMA_CPP_TYPES: llama.cpp's own mixtures (k-quants, 256-element blocks), produced by its quantizer via llama-cpp-python
 K_BLOCK = 256
 STANDIN_FF = 32  # width of the all-zero MLP stand-in: one 32-element quant block, so every type holds it exactly
 _SUB8 = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)

@@ -25,8 +25,8 @@ from transformers.utils import cached_file
 
 from llama_pruning import atomic
 from llama_pruning.models.arch import check_supported
+from llama_pruning.options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELING_FILE = "modeling_pruned.py"
 FORMAT_KEY = "llama_pruning_format"  # recorded in the config of every folder we save with per-layer shapes

@@ -1,31 +1,32 @@
 """Recovery after pruning: LoRA or full fine-tuning, optionally distilled from the dense model.
 
-`add_arguments` + `recover` serve the command line; `finetune` is the library entry point.
+`add_arguments` + `recover` serve the command line; `finetune` is the library entry point. Names load their
+submodule on first use (PEP 562), so the command line's `--help` does not import transformers and peft.
 """
 
-from llama_pruning.recovery.config import (
-    DEFAULT_LORA_TARGETS,
-    RecoveryConfig,
-    RecoveryError,
-    add_arguments,
-)
-from llama_pruning.recovery.data import TokenDataset, load_instruction_data, load_training_data
-from llama_pruning.recovery.losses import distillation_loss_sum, lm_loss_sum, recovery_loss
-from llama_pruning.recovery.train import finetune, lora_targets, plot_loss, recover
+from importlib import import_module
 
-__all__ = [
-    "DEFAULT_LORA_TARGETS",
-    "RecoveryConfig",
-    "RecoveryError",
-    "TokenDataset",
-    "add_arguments",
-    "distillation_loss_sum",
-    "finetune",
-    "lm_loss_sum",
-    "load_instruction_data",
-    "load_training_data",
-    "lora_targets",
-    "plot_loss",
-    "recover",
-    "recovery_loss",
-]
+_SUBMODULE = {
+    "DEFAULT_LORA_TARGETS": "config",
+    "RecoveryConfig": "config",
+    "RecoveryError": "config",
+    "add_arguments": "config",
+    "TokenDataset": "data",
+    "load_instruction_data": "data",
+    "load_training_data": "data",
+    "distillation_loss_sum": "losses",
+    "lm_loss_sum": "losses",
+    "recovery_loss": "losses",
+    "finetune": "train",
+    "lora_targets": "train",
+    "plot_loss": "train",
+    "recover": "train",
+}
+
+__all__ = sorted(_SUBMODULE)
+
+
+def __getattr__(name: str):
+    if name not in _SUBMODULE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_SUBMODULE[name]}"), name)

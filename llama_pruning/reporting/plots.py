@@ -13,7 +13,7 @@ from llama_pruning.plan import PruningPlan  # noqa: E402
 
 
 def plot_pruning_strategy(plan: PruningPlan, report: dict, path: str | Path, title: str,
-                          layer_scores: list[float] | None = None) -> None:
+                          layer_scores: list[float] | None = None, layer_score_label: str = "layer importance") -> None:
     """Per layer: kept attention groups and MLP channels (fraction), parameters before/after, layer importance."""
     spec = plan.model_spec()
     layers = list(range(plan.num_layers))
@@ -38,8 +38,8 @@ def plot_pruning_strategy(plan: PruningPlan, report: dict, path: str | Path, tit
     ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
     if layer_scores is not None:
         axes[2].plot(layers, layer_scores, "o-", color="tab:purple")
-        axes[2].set_ylabel("layer importance")
-    axes[-1].set_xlabel("layer (red: deleted)")
+        axes[2].set_ylabel(layer_score_label)
+    axes[-1].set_xlabel("layer (red: deleted)" if plan.removed_layers else "layer")
     axes[-1].set_xticks(layers)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

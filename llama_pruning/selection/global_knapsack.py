@@ -12,9 +12,9 @@ import pandas as pd
 from torch import nn
 
 from llama_pruning.models.arch import ModelSpec, count_params, model_spec
+from llama_pruning.options import NORMALIZATIONS
 from llama_pruning.plan import PruningPlan
 
-NORMALIZATIONS = ("auto", "none", "layer")
 _AUTO_NORMALIZATION = {"taylor": "none", "taylor_2nd": "none", "random": "none", "wanda": "layer", "magnitude": "layer"}
 
 

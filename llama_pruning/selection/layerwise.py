@@ -15,10 +15,9 @@ import pandas as pd
 from torch import nn
 
 from llama_pruning.models.arch import count_params, model_spec
+from llama_pruning.options import STRATEGIES
 from llama_pruning.plan import PruningPlan
 from llama_pruning.selection.global_knapsack import SelectionError, group_table, plan_from_table
-
-STRATEGIES = ("inverse", "uniform")
 
 
 def parse_distribution(text: str) -> tuple[float, float]:

@@ -1,0 +1,23 @@
+"""Choices and defaults the command line offers, importable without torch so that `--help` answers at once.
+
+The modules that implement them (importance, selection, reconstruct, models.loading) import them from here.
+"""
+
+DEFAULT_MODEL = "smollm2-135m"
+# importance.unit / importance.layer
+METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
+DEFAULT_TAYLOR_2ND_VARIANT = "mix"
+LAYER_METHODS = ("block_influence", "removal", "taylor")
+# selection
+NORMALIZATIONS = ("auto", "none", "layer")
+STRATEGIES = ("inverse", "uniform")
+# reconstruct
+MODES = ("none", "bias", "lsq")
+DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
+DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
+DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
+# models.gguf_export: types the gguf package writes, then llama.cpp's own k-quant mixtures (its quantizer)
+GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+OUTTYPES = (*GGUF_WRITER_TYPES, *LLAMA_CPP_TYPES)
