@@ -54,7 +54,7 @@ def test_readme_main_command_runs_in_a_bare_clone_offline(tmp_path):
     assert "Hugging Face hub" not in out  # the data came from the package, not a hub attempt
     run = clone / "prune_log" / "global_pruning"
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert "wikitext2 PPL after pruning: " in lines[-3] and f"model saved to {run.relative_to(clone)} " in lines[-2]
+    assert "wikitext2 PPL after pruning: " in lines[-3] and f"model saved in {run.relative_to(clone)} " in lines[-2]
     assert (tmp_path / "cache" / "smollm2-135m-fp32" / "config.json").is_file()  # the first-run conversion happened
     from llama_pruning.models import load_model
     from llama_pruning.models.arch import count_params

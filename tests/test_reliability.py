@@ -22,6 +22,7 @@ import torch
 from llama_pruning import atomic
 from llama_pruning.cli import common
 from llama_pruning.cli.main import main
+from llama_pruning.models import loading
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.models.loading import (
     FORMAT_KEY,
@@ -33,6 +34,7 @@ from llama_pruning.models.loading import (
 )
 from llama_pruning.plan import PLAN_FILENAME, PlanError, PruningPlan
 from llama_pruning.recovery.__main__ import main as recovery_main
+from llama_pruning.reporting import RunDir
 from llama_pruning.surgery import apply_plan
 from tests.tiny import random_plan
 
@@ -322,7 +324,7 @@ def test_unavailable_device_names_the_available_ones(device, tiny_dir, tmp_path,
 @pytest.fixture
 def no_weights(monkeypatch):
     """Fail the test if a command gets as far as loading weights."""
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded before validation"))
 
 
 @pytest.mark.parametrize("command,extra,message", [
@@ -338,14 +340,16 @@ def test_late_flags_are_checked_first(command, extra, message, tiny_dir, tmp_pat
     assert message in one_line_error(capsys) and not out.exists()
 
 
-def test_missing_evaluation_file_is_named_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, no_weights):
+def test_missing_evaluation_file_is_named_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, no_weights,
+                                                         no_packaged_data):
     from llama_pruning.data import sources
 
     monkeypatch.setenv(sources.DATA_ENV, str(tmp_path))  # no wikitext2/ there
     monkeypatch.setattr(sources, "_hub_rows", lambda *a: (_ for _ in ()).throw(ConnectionError("offline")))
     argv = ["global", "--base_model", str(tiny_dir), "--output_root", str(tmp_path / "runs"), *CHEAP]
     assert main([*argv, "--dataset", str(ROOT / "README.md"), "--test_after_prune"]) == 2
-    err = one_line_error(capsys)
+    notice, err = capsys.readouterr().err.strip().splitlines()  # the one announced hub attempt, then the error
+    assert "trying the Hugging Face hub" in notice and "Traceback" not in err
     assert "wikitext2/wiki.test.raw" in err and "--test_after_prune" in err and "as the dataset" not in err
 
 
@@ -428,7 +432,7 @@ def test_fuzz_plans_and_arguments_in_process(tiny_dir, tmp_path, capsys, monkeyp
         except PlanError as err:
             assert "\n" not in str(err)
             plans["refused"] += 1
-    monkeypatch.setattr(common.RunDir, "__init__", lambda *a, **k: (_ for _ in ()).throw(_Validated()))
+    monkeypatch.setattr(RunDir, "__init__", lambda *a, **k: (_ for _ in ()).throw(_Validated()))
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({**base, "base_model": str(tiny_dir)}))
     for _ in range(100):

@@ -211,8 +211,9 @@ def _check_text(dataset: str, split: str, why: str) -> None:
     except DataError as err:
         if split != "evaluation":
             raise
-        raise DataError(f"{why} measures perplexity on the wikitext-2 test split, which cannot be read: set "
-                        "LLAMA_PRUNING_DATA to a folder holding wikitext2/wiki.test.raw (or make the hub reachable), "
+        raise DataError(f"{why} measures perplexity on the wikitext-2 test split, which cannot be read: reinstall "
+                        "llama-pruning (it ships the split), or set LLAMA_PRUNING_DATA to a folder holding "
+                        "wikitext2/wiki.test.raw (or make the hub reachable), "
                         f"or drop {why} ({str(err).split(':')[0]})") from None
     except IsADirectoryError:
         raise DataError(f"{dataset} is a folder, not a text file") from None
