@@ -33,23 +33,27 @@ def markov_tokens(num: int, length: int, seed: int, vocab: int = 97) -> torch.Te
     return out
 
 
+def train_markov_model():
+    """A 2-layer tiny Llama trained 150 steps on the Markov text, so the loss surface is not flat."""
+    model = tiny_model(layers=2, kv_heads=2, n_rep=2, head_dim=8, intermediate=64)
+    model.train()
+    data = markov_tokens(150 * 16, 32, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(150):
+        ids = data[step * 16:(step + 1) * 16]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def trained():
-    """A 2-layer tiny Llama trained 150 steps on the Markov text, so the loss surface is not flat."""
+    """The trained tiny model, shared by the module's tests."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is several times faster on a shared CPU
     try:
-        model = tiny_model(layers=2, kv_heads=2, n_rep=2, head_dim=8, intermediate=64)
-        model.train()
-        data = markov_tokens(150 * 16, 32, seed=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(150):
-            ids = data[step * 16:(step + 1) * 16]
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
-        yield model
+        yield train_markov_model()
     finally:
         torch.set_num_threads(threads)
 

@@ -16,7 +16,7 @@ from llama_pruning.importance import compute_importance
 from llama_pruning.models.loading import pick_dtype
 from llama_pruning.reconstruct import prune_with_reconstruction
 from llama_pruning.selection import global_plan
-from tests.test_importance import markov_tokens
+from tests.test_importance import markov_tokens, train_markov_model
 from tests.tiny import tiny_model
 
 
@@ -78,16 +78,7 @@ def test_bf16_default_pipeline_ppl_within_2_percent_of_float32():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = tiny_model(layers=2, kv_heads=2, n_rep=2, head_dim=8, intermediate=64)
-        model.train()
-        data = markov_tokens(150 * 16, 32, seed=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for step in range(150):
-            ids = data[step * 16:(step + 1) * 16]
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
-        model.eval()
+        model = train_markov_model()
         calib, held_out = markov_tokens(16, 32, seed=2), markov_tokens(32, 32, seed=3)
         ppl = {}
         for dtype in (torch.float32, torch.bfloat16):
