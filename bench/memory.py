@@ -249,8 +249,7 @@ def write_report() -> None:
              "*live* = the highest running balance of the CPU allocator during the phase, from one trace of every "
              "allocation and free of the process (torch profiler, `profile_memory=True`, started before the model is "
              "built; a trace started per phase misses the frees of older blocks such as the cut weights): what the phase "
-             "needs on its device; *n/a*: no allocation inside the phase, and these runs' trace reader did not yet "
-             "carry the balance at the phase start (fixed since; selection and save only hold the weights). "
+             "needs on its device (*save* holds the pruned weights, hence below the model's dense figure). "
              "*RSS* = the process's peak resident set during the phase (VmHWM reset "
              "at the phase start; memory-mapped checkpoint pages count in it). On CPU the *load* phase includes copying the "
              "memory-mapped weights into allocator-owned memory (what a GPU load does), so its CPU figures are ~2x the "
@@ -287,8 +286,11 @@ def write_report() -> None:
     result["model_is_upper_bound_of_measured"] = not checked
     lines += ["", "Reading the fit: *load* on CPU is ~2x the weights (the copy described above). *lsq* is not linear in k "
               "at these sizes: the plan removes 20 % of the *total* parameters, which the 1.05 G embedding parameters "
-              "dominate, so it cuts most of the decoder layer at k = 1 and less at k = 2 (about 23 % at k = 32): the "
-              "solved systems grow with k, and the fitted slope overstates the per-layer cost. The model counts every "
+              "dominate, so it cuts most of the decoder layer at k = 1 and less as k grows (about 23 % at k = 32): the "
+              "solved systems grow with k toward their full width, and the fitted slope overstates the per-layer cost "
+              "(what lsq holds above the weights: " + ", ".join(
+                  f"{(r['phases']['lsq']['live_peak_bytes'] - r['phases']['selection']['live_peak_bytes']) / GIB:.2f}"
+                  for r in runs if r["width"] == "8b") + f" GiB at k = {', '.join(map(str, ks))}). The model counts every "
               "solve at full width (an upper bound) and is what the projection below uses. *taylor* is linear: its "
               "fit and the model agree at 32 layers within 2 %."]
     default = Workload()
