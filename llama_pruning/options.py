@@ -4,6 +4,8 @@ The modules that implement them (importance, selection, reconstruct, models.load
 """
 
 DEFAULT_MODEL = "smollm2-135m"
+# placement: accelerate's device_map strategies
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # importance.unit / importance.layer
 METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
 TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")

@@ -22,6 +22,7 @@ from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from llama_pruning import placement
 from llama_pruning.models.arch import capture_layer_inputs, decoder_layers
 from llama_pruning.options import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES  # noqa: F401 (re-exported)
 from llama_pruning.plan import PruningPlan
@@ -260,6 +261,8 @@ def prune_with_reconstruction(
     `bias_compensation` flags, a copy flagging every layer is applied. The plan actually applied is
     `model.pruning_plan`, and the result has exactly the structure `apply_plan` gives it.
     `device`: where layers run while processed (each one is moved there and back); default: the model's.
+    A model dispatched with a device map runs each layer on its own execution device instead, its offloaded
+    weights loaded once and the cut ones written back (llama_pruning.placement).
     Grams are accumulated and solved in `solve_dtype`. `drift_weight` > 0 also runs the dense model alongside
     and fits each block to cancel that fraction of the accumulated gap to the dense residual stream (0: each
     block only imitates its dense self on its current input).
@@ -270,8 +273,7 @@ def prune_with_reconstruction(
     check_plan(model, plan)
     if mode == "bias" and not plan.bias_compensation:
         plan = dataclasses.replace(plan, bias_compensation=[True] * plan.num_layers)
-    home = next(model.parameters()).device
-    device = torch.device(device) if device is not None else home
+    device = placement.run_device(model, device)
     was_training = model.training
     model.eval()  # no dropout in the passes whose statistics are fitted
     try:
@@ -286,10 +288,12 @@ def prune_with_reconstruction(
                       disable=not progress) as bar:
                 for i in range(len(layers)):
                     bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
-                    layer = layers[i].to(device)
-                    _reconstruct_layer(layer, plan, i, hidden, send_to_device(kwargs[i], device), mode, ridge,
-                                       solve_dtype, dense_hidden, drift_weight, bar.update)
-                    layers[i] = layer.to(home)
+                    with placement.on_device(layers[i], device, write_back=True) as dev:  # offloaded: loaded, cut, stored
+                        hidden[:] = send_to_device(hidden, dev)
+                        if dense_hidden is not None:
+                            dense_hidden[:] = send_to_device(dense_hidden, dev)
+                        _reconstruct_layer(layers[i], plan, i, hidden, send_to_device(kwargs[i], dev), mode, ridge,
+                                           solve_dtype, dense_hidden, drift_weight, bar.update)
     finally:
         model.train(was_training)
     return finalize(model, plan)

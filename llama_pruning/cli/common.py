@@ -22,6 +22,7 @@ from llama_pruning.options import (
     DEFAULT_RIDGE,
     DEFAULT_SAMPLES,
     DEFAULT_TAYLOR_2ND_VARIANT,
+    DEVICE_MAPS,
     METHODS,
     MODES,
     OUTTYPES,
@@ -83,6 +84,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def max_memory(text: str) -> dict:
+    """argparse type for --max_memory (llama_pruning.placement.parse_max_memory)."""
+    from llama_pruning.placement import parse_max_memory
+
+    try:
+        return parse_max_memory(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 # --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
 FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8}
 
@@ -109,6 +120,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype the model is loaded and pruned in (auto: the checkpoint's own on cuda, float32 on cpu)")
+    p.add_argument("--device_map", choices=DEVICE_MAPS, default=None,
+                   help="for models too big for one device: spread the layers over the GPUs, then CPU memory, then "
+                        "--offload_dir (accelerate); each stage loads one layer at a time (docs/MEMORY.md)")
+    p.add_argument("--max_memory", type=max_memory, default=None,
+                   help="with --device_map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB (the rest goes to disk)")
+    p.add_argument("--offload_dir", default=None,
+                   help="with --device_map: folder for the weights offloaded to disk (default: a temporary folder)")
     p.add_argument("--dry_run", action="store_true",
                    help="read only the model's config, print the projected peak memory per phase and the flags that "
                         "make it fit the device, then stop (exit 2 when it does not fit)")
@@ -285,6 +303,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
     from llama_pruning.data import get_calibration_samples
     from llama_pruning.models.arch import count_params, model_spec
     from llama_pruning.models.loading import default_device, load_model
+    from llama_pruning.placement import Placement, device_map_summary
     from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.recovery import recover
     from llama_pruning.reporting import RunDir
@@ -294,6 +313,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         raise ValueError(f"pruning runs in one process, not under a distributed launcher (WORLD_SIZE={world}); prune with "
                          "plain python, then recover on several GPUs with `torchrun ... -m llama_pruning.recovery` "
                          "(docs/RECOVERY.md)")
+    place = Placement.from_args(args)
     args.device = args.device or default_device()
     prepare_gguf(args)
     if args.dry_run:
@@ -310,7 +330,9 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         started = time.perf_counter()
         log(memory_projection(args)[0])
         model, tokenizer = load_model(args.base_model, dtype=args.dtype, device=args.device,
-                                      trust_remote_code=args.trust_remote_code)
+                                      trust_remote_code=args.trust_remote_code, placement=place)
+        if place is not None:
+            log(f"device map ({args.device_map}): {device_map_summary(model)}")
         spec = model_spec(model)
         log(f"loaded {args.base_model}: {spec.model_type}, {spec.num_layers} layers, {spec.num_heads} query / "
             f"{spec.num_kv_heads} KV heads of {spec.head_dim}, MLP {spec.intermediate_size}, "

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from llama_pruning import placement
 from llama_pruning.data import DataError, load_text, split_windows, tokenize_text
 
 
@@ -32,7 +33,7 @@ def window_perplexity(
         raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
     if len(windows) == 0:
         raise DataError(f"{desc}: no window to evaluate")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = placement.run_device(model, device)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -63,13 +64,12 @@ def PPLMetric(  # noqa: N802 - the name users of LLM-Pruner know
     """Perplexity of `model` on the evaluation split of each dataset, keyed by its label.
 
     `datasets` holds corpus names (wikitext2, ptb, c4) or local text files. `device` None runs where the
-    model's weights are; a device given moves the model there. `max_windows` evaluates only the first
-    windows. Returns e.g. `{'wikitext2 (wikitext-2-raw-v1)': 52.1}`.
+    model's weights are; a device given moves the model there (a model dispatched with a device map stays
+    where it is). `max_windows` evaluates only the first windows. Returns e.g. `{'wikitext2 (wikitext-2-raw-v1)': 52.1}`.
     """
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be at least 1 or None (got {max_windows})")
-    if device is not None:
-        model.to(device)
+    device = placement.prepare(model, device)
     results = {}
     for name in [datasets] if isinstance(datasets, str) else datasets:
         source = load_text(name, "evaluation")

@@ -39,7 +39,8 @@ def _block_influence(model: nn.Module, samples: torch.Tensor, device: torch.devi
     def record(index: int, _module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         h_in = args[0] if args else kwargs["hidden_states"]
         h_out = output[0] if isinstance(output, tuple) else output
-        cos_sums[index] += F.cosine_similarity(h_in.float(), h_out.float(), dim=-1).sum().double()
+        cos = F.cosine_similarity(h_in.to(h_out.device).float(), h_out.float(), dim=-1)  # a device map may move h
+        cos_sums[index] += cos.sum().double().to(cos_sums.device)
 
     handles = [layer.register_forward_hook(partial(record, i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:

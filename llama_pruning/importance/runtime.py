@@ -12,9 +12,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
+from llama_pruning import placement
 from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, run_layer
 
 
@@ -35,10 +37,6 @@ def check_dense(model: nn.Module) -> None:
     """Importance is defined on the dense model that plans refer to."""
     if getattr(model.config, "pruned_layout", None) is not None:
         raise ValueError("this model is already pruned; compute importance on the dense model")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def micro_batches(samples: torch.Tensor, batch_size: int, device: torch.device, desc: str,
@@ -70,7 +68,8 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     calibration set, thus arrive while that layer is processed: `layer_done(index)` is called right
     after, so per-weight accumulators need to exist for one layer only. Parameters get no `.grad`.
     It costs one forward more than a plain backward (this is gradient checkpointing at layer boundaries),
-    and the kept inputs take num_layers x num_samples x seq_len x hidden values.
+    and the kept inputs take num_layers x num_samples x seq_len x hidden values. Each layer runs inside
+    `placement.on_device`, so an offloaded layer (device map) is brought to its device twice in all.
     """
     num_samples, seq_len = samples.shape
     layers = decoder_layers(model)
@@ -81,26 +80,31 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
         hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
         for layer, layer_kwargs in zip(layers, kwargs, strict=True):
             inputs.append(hidden)
-            hidden = [run_layer(layer, x, kw) for x, kw in zip(hidden, layer_kwargs, strict=True)]
+            with placement.on_device(layer) as dev:
+                hidden = [run_layer(layer, x.to(dev), send_to_device(kw, dev))
+                          for x, kw in zip(hidden, layer_kwargs, strict=True)]
             bar.update()
     head = model.get_output_embeddings()
     norm = model.get_decoder().norm
     grads = []
     for x, ids in zip(hidden, samples.split(batch_size), strict=True):
         x.requires_grad_(True)
-        loss = token_nll_sum(head(norm(x)), ids.to(device)) / (num_samples * (seq_len - 1))
+        logits = head(norm(x))
+        loss = token_nll_sum(logits, ids.to(logits.device)) / (num_samples * (seq_len - 1))
         loss.backward()
         grads.append(x.grad)
-    del hidden, x
+    del hidden, x, logits
     bar.update()
     for index in reversed(range(len(layers))):
-        for b, kw in enumerate(kwargs[index]):
-            x = inputs[index][b].requires_grad_(True)
-            inputs[index][b] = None
-            run_layer(layers[index], x, kw).backward(grads[b])
-            grads[b] = x.grad
-        del x
-        layer_done(index)
+        with placement.on_device(layers[index]) as dev:  # an offloaded layer is loaded once for all its micro-batches
+            for b, kw in enumerate(kwargs[index]):
+                x = inputs[index][b].to(dev).requires_grad_(True)
+                inputs[index][b] = None
+                out = run_layer(layers[index], x, send_to_device(kw, dev))
+                out.backward(grads[b].to(out.device))
+                grads[b] = x.grad
+            del x, out
+            layer_done(index)  # inside: the layer's real weights are at hand
         bar.update(3)
     bar.close()
 
@@ -110,16 +114,16 @@ def calibration_session(model: nn.Module, device: str | torch.device | None) -> 
     """Prepare `model` for a scoring pass and restore it afterwards; yields the device to feed samples to.
 
     `device=None` uses the device the model already lives on (`load_model` puts it on cuda when there
-    is one); another device moves the model there for the pass and back afterwards. All parameters are
+    is one); another device moves the model there for the pass and back afterwards (a model dispatched
+    with a device map is never moved: see llama_pruning.placement). All parameters are
     frozen: estimators compute the weight gradients they need themselves from module hooks, so autograd
     only propagates activation gradients.
     """
-    home = model_device(model)
-    target = torch.device(device) if device is not None else home
+    home = placement.run_device(model)
     modes = {module: module.training for module in model.modules()}
     requires = {param: param.requires_grad for param in model.parameters()}
     try:
-        model.to(target)
+        target = placement.prepare(model, device)
         model.eval()
         model.requires_grad_(False)
         yield target
@@ -128,4 +132,4 @@ def calibration_session(model: nn.Module, device: str | torch.device | None) -> 
             module.training = mode
         for param, flag in requires.items():
             param.requires_grad_(flag)
-        model.to(home)
+        placement.prepare(model, home)

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from llama_pruning import placement
 from llama_pruning.importance.runtime import (
     calibration_session,
     check_batch_size,
@@ -89,6 +90,7 @@ class TaylorAccumulator:
         self.units = units
         self.num_samples = num_samples
         self.variant = variant  # None: first order only
+        self.device = device  # where the unit scores are kept (a device map may run layers elsewhere)
         self.signed = _zeros(spec, device)
         self.second = _zeros(spec, device)
         self.importance = _zeros(spec, device)
@@ -127,7 +129,7 @@ class TaylorAccumulator:
                 _accumulate_square(self.sq, (unit.layer_idx, unit.name, kind), g)
             elif self.per_sample:
                 wg = param.detach().float() * g
-                self.second[key] += (0.5 * self.num_samples) * unit_sum_squares(wg, axis, unit.n_units)
+                self.second[key] += ((0.5 * self.num_samples) * unit_sum_squares(wg, axis, unit.n_units)).to(self.device)
             _accumulate(self.grad, (unit.layer_idx, unit.name, kind), g)
 
     @torch.no_grad()
@@ -140,15 +142,15 @@ class TaylorAccumulator:
             for kind, param, axis in unit.params():
                 w = param.detach().float()
                 wg = self.grad.pop((unit.layer_idx, unit.name, kind)).mul_(w)
-                self.signed[key] -= unit_sum(wg, axis, unit.n_units)
+                self.signed[key] -= unit_sum(wg, axis, unit.n_units).to(self.device)
                 if self.variant == "second":
                     continue
                 if self.variant == "mix":  # w g - 0.5 w^2 F with F = N * sum_s G_s^2
                     half_w2f = self.sq.pop((unit.layer_idx, unit.name, kind)).mul_(w).mul_(w)
                     half_w2f.mul_(0.5 * self.num_samples)
-                    self.second[key] += unit_sum(half_w2f, axis, unit.n_units)
+                    self.second[key] += unit_sum(half_w2f, axis, unit.n_units).to(self.device)
                     wg.sub_(half_w2f)
-                self.importance[key] += unit_sum(wg.abs_(), axis, unit.n_units)
+                self.importance[key] += unit_sum(wg.abs_(), axis, unit.n_units).to(self.device)
 
     def finish(self) -> Columns:
         """The score columns, once every layer has been folded."""
@@ -201,20 +203,24 @@ def _wanda(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: tor
     importance = _zeros(spec, device)
     for i, unit in enumerate(units):
         norms = sumsq.pop(i).sqrt_()
-        for kind, param, axis in unit.params():
-            scale = norms if kind == "weight" else tokens ** 0.5
-            score = param.detach().float().abs() * scale
-            importance[(unit.layer_idx, unit.group_type)] += unit_sum(score, axis, unit.n_units)
+        with placement.on_device(unit.linear) as dev:
+            for kind, param, axis in unit.params():
+                scale = norms.to(dev) if kind == "weight" else tokens ** 0.5
+                score = param.detach().float().abs() * scale
+                importance[(unit.layer_idx, unit.group_type)] += unit_sum(score, axis, unit.n_units).to(device)
     return {"importance": importance}
 
 
 @torch.no_grad()
 def _magnitude(model: nn.Module, spec: ModelSpec) -> Columns:
     """L2 norm of all the unit's weights (q/k/v rows, o_proj columns; gate/up rows, down columns; biases)."""
-    squares = _zeros(spec, next(model.parameters()).device)
+    device = placement.run_device(model)
+    squares = _zeros(spec, device)
     for unit in unit_linears(model, spec):
-        for _kind, param, axis in unit.params():
-            squares[(unit.layer_idx, unit.group_type)] += unit_sum_squares(param.detach().float(), axis, unit.n_units)
+        with placement.on_device(unit.linear):
+            for _kind, param, axis in unit.params():
+                squares[(unit.layer_idx, unit.group_type)] += unit_sum_squares(param.detach().float(), axis,
+                                                                               unit.n_units).to(device)
     return {"importance": {key: value.sqrt() for key, value in squares.items()}}
 
 

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from llama_pruning import placement
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -145,7 +147,7 @@ def capture_layer_inputs(
     decoder = model.get_decoder()
     layers = decoder.layers
     recorders = nn.ModuleList(_Recorder() for _ in layers)
-    device = next(model.parameters()).device
+    device = placement.run_device(model)
     decoder.layers = recorders
     try:
         for batch in samples.split(batch_size):

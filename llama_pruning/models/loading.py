@@ -26,6 +26,7 @@ from transformers.utils import cached_file
 from llama_pruning import atomic
 from llama_pruning.models.arch import check_supported
 from llama_pruning.options import DEFAULT_MODEL
+from llama_pruning.placement import Placement
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELING_FILE = "modeling_pruned.py"
@@ -230,6 +231,7 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     tokenizer: bool = True,
+    placement: Placement | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """Load `(model, tokenizer)`; `smollm2-135m` is the embedded GGUF (offline), anything else goes to HF.
 
@@ -238,7 +240,8 @@ def load_model(
     The architecture and weight files are checked before any weight is read, so a bad model fails in a
     second with a one-line message.
 
-    `dtype="auto"` loads the checkpoint's own dtype on cuda and float32 on cpu.
+    `dtype="auto"` loads the checkpoint's own dtype on cuda and float32 on cpu. With a `placement`
+    (llama_pruning.placement) the model is dispatched over GPUs, CPU and disk instead of put on `device`.
     """
     from safetensors import SafetensorError
 
@@ -246,11 +249,13 @@ def load_model(
     source = resolve_source(name_or_path)
     ours = pruned_class(config, source, trust_remote_code)
     try:
+        torch_dtype = resolve_dtype(pick_dtype(dtype, device if placement is None else None))
         if ours is not None:
-            model = ours.from_pretrained(source, config=config, dtype=resolve_dtype(pick_dtype(dtype, device)))
+            factory, kwargs = ours.from_pretrained, {"config": config, "dtype": torch_dtype}
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(pick_dtype(dtype, device)),
-                                                         trust_remote_code=trust_remote_code)
+            factory, kwargs = AutoModelForCausalLM.from_pretrained, {"dtype": torch_dtype,
+                                                                     "trust_remote_code": trust_remote_code}
+        model = factory(source, **kwargs) if placement is None else placement.load(factory, source, **kwargs)
         folder = Path(source)
         has_tokenizer = tokenizer and (not folder.is_dir() or any(
             (folder / n).is_file() for n in ("tokenizer_config.json", "tokenizer.json")))
@@ -258,6 +263,7 @@ def load_model(
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"cannot read the weights of {name_or_path}: {_first_line(err)}") from None
     model.config.name_or_path = name_or_path
-    model.to(device or default_device())
+    if placement is None:
+        model.to(device or default_device())
     model.eval()
     return model, loaded
