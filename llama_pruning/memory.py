@@ -76,7 +76,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         layer = (n + 1) * tokens * h * s + per_weight + 2 * i * h * 4 + acts
         peaks["importance"] = weights + max(head, layer)
     else:
-        peaks["importance"] = weights + batch_tokens * v * (s + 4) + acts
+        # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)
+        peaks["importance"] = weights + max(batch_tokens * v * (s + 4), 2 * tokens * h * s) + acts
     if work.reconstruct == "lsq":
         streams = 2 * work.reconstruct_samples * work.seq_len * h * s
         width = max(i, q)  # the solved block's input width; kept columns counted as all of them (upper bound)

@@ -22,6 +22,7 @@ from llama_pruning.importance.runtime import (
     check_batch_size,
     check_dense,
     check_samples,
+    forward_by_layer,
     micro_batches,
     nll_sum,
 )
@@ -44,8 +45,8 @@ def _block_influence(model: nn.Module, samples: torch.Tensor, device: torch.devi
 
     handles = [layer.register_forward_hook(partial(record, i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
-        for ids in micro_batches(samples, batch_size, device, "block influence", progress):
-            model.get_decoder()(input_ids=ids, use_cache=False)  # hidden states only: no lm_head
+        with tqdm(total=len(layers), desc="block influence", unit="layer", disable=not progress) as bar:
+            forward_by_layer(model, samples, batch_size, bar.update)  # hidden states only: no lm_head
     finally:
         for handle in handles:
             handle.remove()

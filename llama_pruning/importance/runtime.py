@@ -57,6 +57,26 @@ def nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return token_nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
 
 
+@torch.no_grad()
+def forward_by_layer(model: nn.Module, samples: torch.Tensor, batch_size: int, step: Callable[[], object],
+                     inputs: list | None = None) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Run the decoder layers over every micro-batch, one layer at a time: the last layer's outputs and the
+    kwargs of every layer, per micro-batch; `inputs`, when given, receives each layer's inputs.
+
+    Each layer runs inside `placement.on_device`, so an offloaded layer (device map) is loaded once for all
+    micro-batches; hooks on the layers and their modules see what a plain forward shows them. `step` is
+    called after each layer (a progress bar).
+    """
+    hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
+    for layer, layer_kwargs in zip(decoder_layers(model), kwargs, strict=True):
+        if inputs is not None:
+            inputs.append(hidden)
+        with placement.on_device(layer) as dev:
+            hidden = [run_layer(layer, x.to(dev), send_to_device(kw, dev)) for x, kw in zip(hidden, layer_kwargs, strict=True)]
+        step()
+    return hidden, kwargs
+
+
 def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.device, batch_size: int,
                        layer_done: Callable[[int], None], desc: str, progress: bool) -> None:
     """Backpropagate the mean token NLL over all samples one decoder layer at a time, last layer first.
@@ -76,14 +96,7 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     # progress in forward-layer units: a layer's re-run + backward costs about three forwards
     bar = tqdm(total=4 * len(layers) + 1, desc=desc, unit="fwd", disable=not progress)
     inputs: list[list[torch.Tensor | None]] = []
-    with torch.no_grad():
-        hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
-        for layer, layer_kwargs in zip(layers, kwargs, strict=True):
-            inputs.append(hidden)
-            with placement.on_device(layer) as dev:
-                hidden = [run_layer(layer, x.to(dev), send_to_device(kw, dev))
-                          for x, kw in zip(hidden, layer_kwargs, strict=True)]
-            bar.update()
+    hidden, kwargs = forward_by_layer(model, samples, batch_size, bar.update, inputs)
     head = model.get_output_embeddings()
     norm = model.get_decoder().norm
     grads = []

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from llama_pruning import placement
 from llama_pruning.importance.runtime import (
@@ -31,8 +32,8 @@ from llama_pruning.importance.runtime import (
     check_batch_size,
     check_dense,
     check_samples,
+    forward_by_layer,
     layerwise_backward,
-    micro_batches,
 )
 from llama_pruning.importance.units import (
     GROUP_TYPES,
@@ -194,8 +195,8 @@ def _wanda(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: tor
 
     handles = [unit.linear.register_forward_hook(partial(record, i)) for i, unit in enumerate(units)]
     try:
-        for ids in micro_batches(samples, batch_size, device, "wanda", progress):
-            model.get_decoder()(input_ids=ids, use_cache=False)  # the inputs of the layers only: no lm_head
+        with tqdm(total=spec.num_layers, desc="wanda", unit="layer", disable=not progress) as bar:
+            forward_by_layer(model, samples, batch_size, bar.update)  # the inputs of the layers only: no lm_head
     finally:
         for handle in handles:
             handle.remove()
