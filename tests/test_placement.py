@@ -132,3 +132,17 @@ def test_cli_with_device_map_matches_the_plain_run(tmp_path, data_dir):
     assert metrics[0]["wikitext2 PPL after pruning"] == metrics[1]["wikitext2 PPL after pruning"]
     first, second = (load_file(runs / name / "model.safetensors") for name in ("plain", "placed"))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_dry_run_with_a_device_map_does_not_refuse(tiny_folder, tmp_path, monkeypatch, capsys):
+    """The projection is for one device; with a map the run is not refused for it (exit 0, a line says why)."""
+    from llama_pruning import memory
+    from llama_pruning.cli.main import main
+
+    folder, _ = tiny_folder
+    monkeypatch.setattr(memory, "device_memory", lambda device: 1)
+    argv = ["global", "--base_model", str(folder), "--output_root", str(tmp_path / "runs"), "--dry_run"]
+    assert main(argv) == 2
+    assert main([*argv, "--device_map", "auto"]) == 0
+    assert "with --device_map the weights are spread" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()

@@ -319,6 +319,10 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
     if args.dry_run:
         text, fits = memory_projection(args)
         print(text)
+        if place is not None:  # the projection is for the whole model on one device, which the map does not need
+            print("with --device_map the weights are spread over the map's devices: docs/MEMORY.md says what each "
+                  "stage holds on the execution device")
+            return 0
         return 0 if fits else 2
     seed_everything(args.seed)
     replayed = check_inputs(args, check)
