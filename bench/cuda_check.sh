@@ -2,6 +2,7 @@
 # One prepared CUDA check of the whole pipeline plus a GPU timing, for a machine with a GPU and no internet.
 # It builds a random Llama-3-shaped model (GQA 4:1, 1.2B parameters, bf16) so no download is needed, then runs
 # global and layer-wise pruning on cuda (taylor + lsq, block influence), and `eval` (dense vs pruned speed).
+# A second taylor + lsq run offloads most layers to CPU and disk (--device_map auto) and compares its plan.
 # SCALE=1 QUICK=1 runs a 0.3B model and only the first run plus eval.
 # MEMORY=1 instead runs only the memory check of issue 14 (about 5 minutes): every phase of the default global
 # command (taylor + lsq, 64 x 128 / 256 x 128 tokens) on a random 32-layer Llama-3-8B-shaped model in bf16, the
@@ -37,10 +38,16 @@ model.save_pretrained("/tmp/rand_llama"); tok.save_pretrained("/tmp/rand_llama")
 print("saved random model", sum(p.numel() for p in model.parameters()), torch.cuda.get_device_name())
 PY
 run() { local start=$SECONDS; "$@"; echo "TIMING $((SECONDS - start)) s: $*"; }
-COMMON=(--base_model /tmp/rand_llama --device cuda --dtype bfloat16 --num_samples 32 --seq_len 128 --gradient_batch_size 8
+PLACED=(--base_model /tmp/rand_llama --dtype bfloat16 --num_samples 32 --seq_len 128 --gradient_batch_size 8
         --output_root /tmp/runs --test_before_prune --test_after_prune --eval_max_windows 32 --overwrite)
+COMMON=(--device cuda "${PLACED[@]}")
 run python3 global_pruning.py --save_ckpt_log_name g_taylor_lsq --pruning_ratio 0.2 --importance_method taylor \
     --reconstruct lsq --save_model --round_to 64 "${COMMON[@]}"
+# the same run with most layers offloaded to CPU and disk (--device_map): it should give the same plan
+[ "${QUICK:-0}" = 1 ] || run python3 global_pruning.py --save_ckpt_log_name g_offload --pruning_ratio 0.2 \
+    --importance_method taylor --reconstruct lsq --round_to 64 --device_map auto --max_memory 0=1GiB,cpu=1GiB \
+    --offload_dir /tmp/offload "${PLACED[@]}"
+[ "${QUICK:-0}" = 1 ] || python3 -c "import json, sys; a, b = (json.load(open(f'/tmp/runs/{n}/pruning_plan.json')) for n in ('g_taylor_lsq', 'g_offload')); print('device map, same plan as on one GPU:', all(a[k] == b[k] for k in ('attn_groups', 'mlp_channels')))" | tee "$OUT/device_map.txt"
 [ "${QUICK:-0}" = 1 ] || run python3 global_pruning.py --save_ckpt_log_name g_taylor2 --pruning_ratio 0.2 --importance_method taylor_2nd \
     --reconstruct none --remove_empty_layers "${COMMON[@]}"
 [ "${QUICK:-0}" = 1 ] || run python3 layer_pruning.py --save_ckpt_log_name l_28 --pruning_ratio 0.2 --importance_method wanda \
