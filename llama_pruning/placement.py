@@ -170,6 +170,7 @@ def on_device(module: nn.Module, device: str | torch.device | None = None, write
     for m in hooked:
         hook = m._hf_hook
         names = list(_tensors(m, hook)) if hook.offload else []
+        hook.original_devices = {}  # detaching would load the weights back where they were: they are loaded below, once
         remove_hook_from_module(m)
         for name in names:
             set_module_tensor_to_device(m, name, target, value=hook.weights_map[name])
