@@ -5,7 +5,7 @@ The modules that implement them (importance, selection, reconstruct, models.load
 
 DEFAULT_MODEL = "smollm2-135m"
 # importance.unit / importance.layer
-METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random", "obs")
 TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
 DEFAULT_TAYLOR_2ND_VARIANT = "mix"
 LAYER_METHODS = ("block_influence", "removal", "taylor")
