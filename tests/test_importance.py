@@ -261,7 +261,7 @@ def test_greedy_obs_matches_brute_force_joint_refits(group):
     damping = 0.05
     gram = x.T @ x
     damped = gram + damping * gram.diagonal().mean() * torch.eye(8, dtype=torch.float64)
-    scores = greedy_obs(w, gram, fisher, group, damping)
+    scores = greedy_obs(w, gram.clone(), fisher, group, damping)
     removed: list[int] = []
     best, expected = 0.0, torch.empty(8 // group, dtype=torch.float64)
     for _ in range(8 // group):

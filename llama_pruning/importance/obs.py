@@ -74,14 +74,16 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
                damping: float = DAMPING, chunk: int = 1) -> torch.Tensor:
     """Per group of `group` consecutive input columns: the Fisher-weighted OBS loss increase at its greedy step.
 
-    `weight` is out x in, `gram` in x in, `fisher` per output feature; returns a float64 vector (one per
-    group), increasing along the greedy order. `chunk` > 1 removes that many cheapest groups per step
-    (one rank-`chunk` update instead of as many rank-1 ones; exact greedy is chunk 1).
+    `weight` is out x in, `gram` in x in (damped in place and consumed), `fisher` per output feature;
+    returns a float64 vector (one per group), increasing along the greedy order. `chunk` > 1 removes that
+    many cheapest groups per step (one rank-`chunk` update instead of as many rank-1 ones; exact greedy is 1).
     """
     n = weight.shape[1] // group
-    gram = gram.clone()
     gram.diagonal().add_(damping * gram.diagonal().mean().clamp_min(1e-12))
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    hinv = torch.cholesky_inverse(factor)
+    del factor
     w = weight.clone()
     live = torch.arange(n)  # the groups still in w and hinv, in their column order there
     offsets = torch.arange(group)
