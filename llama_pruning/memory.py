@@ -29,7 +29,7 @@ class Workload:
     seq_len: int = 128
     batch_size: int = 4
     reconstruct_samples: int = 256
-    importance: str = "taylor"  # taylor, taylor_2nd (mix), or any forward-only method
+    importance: str = "taylor"  # taylor, taylor_2nd (mix), obs, or any forward-only method
     reconstruct: str = "lsq"
 
 
@@ -74,6 +74,10 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         per_weight = (2 if work.importance == "taylor_2nd" else 1) * (_layer_params(config) - 2 * h) * GRAD_BYTES
         head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)
         layer = (n + 1) * tokens * h * s + per_weight + 2 * i * h * 4 + acts
+        peaks["importance"] = weights + max(head, layer)
+    elif work.importance == "obs":  # Taylor's backward without per-weight sums; one layer's float64 Grams,
+        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)  # then the MLP's factor, inverse and W
+        layer = (n + 1) * tokens * h * s + (3 * i * i + q * q + 2 * i * h) * SOLVE_BYTES + acts
         peaks["importance"] = weights + max(head, layer)
     else:
         # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)

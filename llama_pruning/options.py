@@ -7,7 +7,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # placement: accelerate's device_map strategies
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # importance.unit / importance.layer
-METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random")
+METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random", "obs")
 TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
 DEFAULT_TAYLOR_2ND_VARIANT = "mix"
 LAYER_METHODS = ("block_influence", "removal", "taylor")

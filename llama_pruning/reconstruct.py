@@ -141,9 +141,9 @@ def _attention_columns(plan: PruningPlan, index: int, device: torch.device) -> t
     return head_rows(heads, spec.head_dim, device)
 
 
-def _run_attention(layer: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _run_attention(attn: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """Residual stream after the attention block, as the decoder layer's own forward computes it."""
-    out, _ = layer.self_attn(hidden_states=norm(hidden), **kwargs)
+    out, _ = attn(hidden_states=norm(hidden), **kwargs)
     return hidden + out
 
 
@@ -153,10 +153,11 @@ def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Ten
 
 
 def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
-              dense_hidden: list[torch.Tensor] | None, step: Callable[[], object]) -> None:
-    """Run the dense `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
-    with a dense stream, advance it through the same block too and record the drift between the two outputs.
-    `step` is called after each batch (the progress bar)."""
+              dense_hidden: list[torch.Tensor] | None, step: Callable[[], object], dense_block=None) -> None:
+    """Run the uncut `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
+    with a dense stream, advance it through `dense_block` (default: the same block) and record the drift
+    between the two outputs. `step` is called after each batch (the progress bar)."""
+    dense_block = dense_block or block
     for b, x in enumerate(hidden):
         if stats is not None:
             handle = module.register_forward_pre_hook(stats)
@@ -165,10 +166,43 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
             finally:
                 handle.remove()
         if dense_hidden is not None:
-            dense_hidden[b] = block(dense_hidden[b], b)
+            dense_hidden[b] = dense_block(dense_hidden[b], b)
             if stats is not None:
                 stats.add_drift(dense_hidden[b] - out)
         step()
+
+
+@torch.no_grad()
+def input_correction(norm: nn.Module, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor], ridge: float,
+                     solve_dtype: torch.dtype) -> torch.Tensor:
+    """M such that W + W M^T is the ridge least-squares re-fit of any linear reading norm(h) toward its dense input.
+
+    With P = norm(pruned stream) and D = norm(dense stream) over the calibration tokens, W'^T = argmin
+    ||P W'^T - D W^T||^2 + lam ||W' - W||^2 = W^T + (P^T P + lam I)^-1 P^T (D - P) W^T; one M serves every
+    projection that reads the same normed input (q/k/v, gate/up). lam as in `compensate`.
+    """
+    gram = cross = None
+    count = 0
+    for x, y in zip(hidden, dense_hidden, strict=True):
+        p = norm(x).reshape(-1, x.shape[-1]).to(solve_dtype)
+        d = norm(y).reshape(-1, y.shape[-1]).to(solve_dtype)
+        gram = p.T @ p if gram is None else gram.addmm_(p.T, p)
+        cross = p.T @ d if cross is None else cross.addmm_(p.T, d)
+        count += p.shape[0]
+    cross -= gram
+    gram.diagonal().add_(ridge * gram.diagonal().mean() / count)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:
+        raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
+    return torch.cholesky_solve(cross, chol)
+
+
+@torch.no_grad()
+def correct_inputs(linears: list[nn.Linear], correction: torch.Tensor, weight: float) -> None:
+    """W <- W + weight * W M^T for each linear (`input_correction`'s M); weight 1 is the full re-fit."""
+    for linear in linears:
+        w = linear.weight.to(correction.dtype)
+        linear.weight.add_((weight * w @ correction.T).to(linear.weight.dtype))
 
 
 def _reconstruct_layer(
@@ -183,11 +217,14 @@ def _reconstruct_layer(
     dense_hidden: list[torch.Tensor] | None = None,
     drift_weight: float = 0.0,
     step: Callable[[], object] = lambda: None,
+    input_weight: float = 0.0,
 ) -> None:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place.
 
     With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
-    is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream.
+    is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
+    `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
+    (`input_correction`); the dense stream keeps the original weights.
     """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
@@ -195,27 +232,42 @@ def _reconstruct_layer(
     device = hidden[0].device
     width = spec.hidden_size if dense_hidden is not None else None
 
-    def attention(x: torch.Tensor, b: int) -> torch.Tensor:
-        return _run_attention(layer, layer.input_layernorm, x, kwargs[b])
+    correct = input_weight > 0 and dense_hidden is not None
+    attn = layer.self_attn
+    dense_attn = attn
+    if correct and plan.attn_groups[index]:
+        dense_attn = copy.deepcopy(attn)
+        m = input_correction(layer.input_layernorm, hidden, dense_hidden, ridge, solve_dtype)
+        correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
+        del m
 
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
     o_stats = InputStats(spec.num_heads * spec.head_dim, solve_dtype, device, width) if attn_cut else None
-    dense_o = layer.self_attn.o_proj.weight if attn_cut else None
-    _fit_pass(attention, layer.self_attn.o_proj, o_stats, hidden, dense_hidden, step)
+    dense_o = attn.o_proj.weight if attn_cut else None
+    _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b]), attn.o_proj, o_stats, hidden,
+              dense_hidden, step, lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b]))
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
-    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut else layer.mlp
+    correct_mlp = correct and bool(plan.mlp_channels[index])
+    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut or correct_mlp else layer.mlp
     dense_norm = layer.post_attention_layernorm
     prune_layer(layer, plan, index)
     if attn_cut:
         compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge,
                    drift_weight)
     for b, x in enumerate(hidden):
-        hidden[b] = _run_attention(layer, layer.input_layernorm, x, kwargs[b])
+        hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b])
 
-    # the dense MLP's down_proj input, on the residual stream after the *pruned* attention
+    # the uncut MLP's down_proj input, on the residual stream after the *pruned* attention
+    fit_mlp = dense_mlp
+    if correct_mlp:
+        m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype)
+        fit_mlp = copy.deepcopy(dense_mlp) if mlp_cut else layer.mlp
+        targets = [fit_mlp] if fit_mlp is layer.mlp else [fit_mlp, layer.mlp]
+        correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
+        del m
     m_stats = InputStats(spec.intermediate_size, solve_dtype, device, width) if mlp_cut else None
-    _fit_pass(lambda x, b: _run_mlp(dense_mlp, dense_norm, x), dense_mlp.down_proj, m_stats, hidden, dense_hidden,
-              step)
+    _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x), fit_mlp.down_proj, m_stats, hidden, dense_hidden,
+              step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x))
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight)
@@ -223,7 +275,8 @@ def _reconstruct_layer(
         hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
 
 
-def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float) -> None:
+def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float,
+                input_weight: float) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -239,6 +292,8 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
         raise ReconstructionError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= drift_weight <= 1:
         raise ReconstructionError(f"drift_weight must be in [0, 1], got {drift_weight}")
+    if not 0 <= input_weight <= 1:
+        raise ReconstructionError(f"input_weight must be in [0, 1], got {input_weight}")
 
 
 def prune_with_reconstruction(
@@ -252,6 +307,7 @@ def prune_with_reconstruction(
     solve_dtype: torch.dtype = torch.float64,
     progress: bool = True,
     drift_weight: float = DEFAULT_DRIFT,
+    input_weight: float = 0.0,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -267,7 +323,7 @@ def prune_with_reconstruction(
     and fits each block to cancel that fraction of the accumulated gap to the dense residual stream (0: each
     block only imitates its dense self on its current input).
     """
-    _check_args(samples, mode, ridge, batch_size, drift_weight)
+    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight)
     if mode == "none":
         return apply_plan(model, plan)
     check_plan(model, plan)
@@ -293,7 +349,7 @@ def prune_with_reconstruction(
                         if dense_hidden is not None:
                             dense_hidden[:] = send_to_device(dense_hidden, dev)
                         _reconstruct_layer(layers[i], plan, i, hidden, send_to_device(kwargs[i], dev), mode, ridge,
-                                           solve_dtype, dense_hidden, drift_weight, bar.update)
+                                           solve_dtype, dense_hidden, drift_weight, bar.update, input_weight)
     finally:
         model.train(was_training)
     return finalize(model, plan)

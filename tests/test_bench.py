@@ -45,3 +45,29 @@ def test_report_renders_rows_references_and_plot(tmp_path):
     assert "| dense | 134,515,008 | 0.0% | 52.08 | — | — | — | 1.000 | 1.00 |" in text
     assert "Machine: test machine." in text and "| ShortGPT block-influence" in text and text.endswith("* hand-written\n\n")
     assert (tmp_path / "results_p20.png").stat().st_size > 10_000
+
+
+def test_dev_split_is_disjoint_from_every_calibration_draw_and_reproducible(smollm2):
+    """The committed dev windows: none drawn by seeds 0-2 up to 512 samples, same tokens as when committed."""
+    from bench.dev import MAX_SAMPLES, SEEDS, SPLIT, calibration_windows, dev_windows, make_split
+    from llama_pruning.data import calibration_indices
+
+    _, tokenizer = smollm2
+    split = json.loads(SPLIT.read_text())
+    assert make_split(tokenizer) == split  # the file is what the protocol gives today
+    windows = calibration_windows(tokenizer)
+    drawn = set().union(*(calibration_indices(windows, MAX_SAMPLES, seed) for seed in SEEDS))
+    assert len(split["dev"]) == len(windows) - len(drawn) > 800
+    assert drawn.isdisjoint(split["dev"]) and set(split["scored"]) <= set(split["dev"])
+    assert len(split["scored"]) == 128 and dev_windows(tokenizer).shape == (128, 128)
+    # a default run's calibration (64 windows for importance, 256 for the solve) is a prefix of its seed's draw
+    assert calibration_indices(windows, 256, 0)[:64] == calibration_indices(windows, 64, 0)
+
+
+def test_dev_report_averages_seeds(tmp_path):
+    from bench.dev import report
+
+    rows = [{"name": "a", "point": "P20", "seed": s, "flags": "", "dev PPL": p, "pruning seconds": 10.0 * s,
+             "peak RSS MiB": 100.0, "load average": 1.0} for s, p in ((0, 60.0), (1, 62.0), (2, 64.0))]
+    text = report(rows)
+    assert "| P20 | a | (defaults) | 0,1,2 | 62.00 [60.00-64.00] | 10 | 100 | 1.0 |" in text

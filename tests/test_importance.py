@@ -203,7 +203,7 @@ def test_table_layout():
     assert layer1.group_idx.tolist() == [0, 1] + list(range(10))
 
 
-@pytest.mark.parametrize("method", ["taylor", "taylor_2nd"])
+@pytest.mark.parametrize("method", ["taylor", "taylor_2nd", "obs"])
 def test_micro_batch_size_does_not_change_scores(method):
     model = tiny_model(layers=2, bias=True, intermediate=16, seed=7)
     samples = torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(2))
@@ -235,6 +235,44 @@ def test_per_weight_buffers_live_for_one_layer_at_a_time_and_state_restored(meth
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def _joint_error(w: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, removed: list[int]) -> float:
+    """0.5 sum_d F_d min ||(W' - W)_d||^2_H over W' with the `removed` columns zero (the kept ones solved jointly)."""
+    if not removed:
+        return 0.0
+    kept = [j for j in range(w.shape[1]) if j not in removed]
+    delta = torch.zeros_like(w)
+    delta[:, removed] = -w[:, removed]
+    if kept:
+        delta[:, kept] = w[:, removed] @ gram[removed][:, kept] @ torch.linalg.inv(gram[kept][:, kept])
+    return 0.5 * float((fisher * torch.einsum("di,ij,dj->d", delta, gram, delta)).sum())
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_greedy_obs_matches_brute_force_joint_refits(group):
+    """Each step's score is the rise of the jointly re-fitted error, and the picks are the greedy minima."""
+    from llama_pruning.importance.obs import greedy_obs
+
+    gen = torch.Generator().manual_seed(group)
+    x = torch.randn(40, 8, dtype=torch.float64, generator=gen) @ torch.randn(8, 8, dtype=torch.float64, generator=gen)
+    w = torch.randn(5, 8, dtype=torch.float64, generator=gen)
+    fisher = torch.rand(5, dtype=torch.float64, generator=gen) + 0.1
+    damping = 0.05
+    gram = x.T @ x
+    damped = gram + damping * gram.diagonal().mean() * torch.eye(8, dtype=torch.float64)
+    scores = greedy_obs(w, gram.clone(), fisher, group, damping)
+    removed: list[int] = []
+    best, expected = 0.0, torch.empty(8 // group, dtype=torch.float64)
+    for _ in range(8 // group):
+        base = _joint_error(w, damped, fisher, removed)
+        rises = {g: _joint_error(w, damped, fisher, removed + list(range(g * group, (g + 1) * group))) - base
+                 for g in range(8 // group) if g * group not in removed}
+        g = min(rises, key=rises.get)
+        best = max(best, rises[g])
+        expected[g] = best
+        removed += list(range(g * group, (g + 1) * group))
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-9)
 
 
 def test_bf16_model_scores_close_to_float32():

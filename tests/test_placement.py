@@ -45,7 +45,7 @@ def _prune(model: torch.nn.Module, method: str) -> tuple:
     return table, model.pruning_plan, logits, window_perplexity(model, probe, batch_size=2)
 
 
-@pytest.mark.parametrize("method", ["taylor", "taylor_2nd", "wanda"])
+@pytest.mark.parametrize("method", ["taylor", "taylor_2nd", "wanda", "obs"])
 def test_offloaded_model_gives_the_same_plan_and_pruned_logits(tiny_folder, tmp_path, method):
     """Same operations on the same device in the same order: the dispatched run must match bit for bit."""
     folder, budget = tiny_folder

@@ -16,6 +16,8 @@ from llama_pruning.reconstruct import (
     InputStats,
     ReconstructionError,
     compensate,
+    correct_inputs,
+    input_correction,
     prune_with_reconstruction,
 )
 from llama_pruning.surgery import apply_plan
@@ -86,12 +88,13 @@ def test_compensate_keeping_every_column_is_identity(mode):
     torch.testing.assert_close(linear.bias, b, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("drift_weight", [0.0, 1.0])
-def test_lsq_with_a_plan_that_prunes_nothing_leaves_weights_unchanged(drift_weight):
+@pytest.mark.parametrize("drift_weight, input_weight", [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0)])
+def test_lsq_with_a_plan_that_prunes_nothing_leaves_weights_unchanged(drift_weight, input_weight):
     model = tiny_model(dtype=F64)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     plan = PruningPlan.dense(model_spec(model), "tiny")
-    out = prune_with_reconstruction(model, plan, _ids(4, 16, 0), "lsq", progress=False, drift_weight=drift_weight)
+    out = prune_with_reconstruction(model, plan, _ids(4, 16, 0), "lsq", progress=False, drift_weight=drift_weight,
+                                    input_weight=input_weight)
     state = out.state_dict()
     assert state.keys() == dense.keys()
     for key, value in dense.items():
@@ -176,6 +179,38 @@ def test_full_drift_preserves_the_dense_stream_mean(mode):
         assert not torch.allclose(p, d)
 
 
+def test_input_correction_is_the_ridge_least_squares_refit():
+    """W + W M^T minimises ||P W'^T - D W^T||^2 + lam ||W' - W||^2 (normal equations solved directly)."""
+    gen = torch.Generator().manual_seed(0)
+    p = [torch.randn(2, 20, 6, dtype=F64, generator=gen) for _ in range(2)]
+    d = [x + 0.3 * torch.randn(x.shape, dtype=F64, generator=gen) for x in p]
+    w = torch.randn(4, 6, dtype=F64, generator=gen)
+    ridge = 5.0
+    linear = nn.Linear(6, 4, bias=False, dtype=F64)
+    linear.weight.data.copy_(w)
+    correct_inputs([linear], input_correction(nn.Identity(), p, d, ridge, F64), 1.0)
+    P, D = torch.cat(p).reshape(-1, 6), torch.cat(d).reshape(-1, 6)
+    lam = ridge * (P.T @ P).diagonal().mean() / P.shape[0]
+    expected = torch.linalg.solve(P.T @ P + lam * torch.eye(6, dtype=F64), P.T @ D @ w.T + lam * w.T).T
+    torch.testing.assert_close(linear.weight, expected, rtol=0, atol=1e-12)
+
+
+def test_input_correction_lowers_the_final_stream_error_on_held_out_tokens():
+    """Re-fitting q/k/v and gate/up toward the dense stream's inputs ends closer to the dense last hidden state."""
+    dense = tiny_model(dtype=F64, layers=3)
+    plan = _partial_plan(dense, seed=3)
+    calib, held_out = _ids(48, 32, seed=0), _ids(16, 32, seed=1)
+    with torch.no_grad():
+        target = dense(held_out, output_hidden_states=True).hidden_states[-1]
+    errors = []
+    for input_weight in (0.0, 1.0):
+        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "lsq", progress=False, drift_weight=0.5,
+                                           input_weight=input_weight)
+        with torch.no_grad():
+            errors.append((pruned(held_out, output_hidden_states=True).hidden_states[-1] - target).pow(2).sum().item())
+    assert errors[1] < errors[0]
+
+
 def test_drift_lowers_the_final_stream_error_on_held_out_tokens():
     """Fitting toward the dense stream (drift 1) ends closer to the dense model's last hidden state than local fits."""
     dense = tiny_model(dtype=F64, layers=3)
@@ -242,6 +277,7 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite():
         ({"samples": torch.zeros(2, 4)}, "token ids"),
         ({"batch_size": 0}, "batch_size"),
         ({"drift_weight": 1.5}, "drift_weight must be in"),
+        ({"input_weight": -0.5}, "input_weight must be in"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):

@@ -161,6 +161,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
                    help="lsq's pull toward the original weights, in calibration tokens (relative ridge = this / solve tokens)")
     p.add_argument("--reconstruct_drift", type=fraction, default=DEFAULT_DRIFT,
                    help="fraction (0-1) of the drift from the dense model's stream each block is also fitted to cancel")
+    p.add_argument("--reconstruct_inputs", type=fraction, default=0.0,
+                   help="with lsq and drift: also re-fit q/k/v and gate/up toward their dense-stream inputs (0 off, 1 full)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
                         "and --num_samples)")
@@ -385,7 +387,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                 f"drift {args.reconstruct_drift})")
             prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                                       batch_size=args.gradient_batch_size, device=args.device,
-                                      drift_weight=args.reconstruct_drift)
+                                      drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs)
         plan = model.pruning_plan
         if count_params(model) != report["params_after"]:
             raise RuntimeError(f"cut model has {count_params(model):,} parameters, the plan said {report['params_after']:,}")

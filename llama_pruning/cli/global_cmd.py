@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer_start", type=int, default=0, help="first layer considered for pruning")
     p.add_argument("--layer_end", type=int, default=None, help="one past the last layer considered (default: all)")
     p.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
-                   help="per-layer score normalisation (auto: on for wanda/magnitude, off for taylor/random)")
+                   help="per-layer score normalisation (auto: on for wanda/magnitude, off for taylor/obs/random)")
 
 
 def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, table: pd.DataFrame) -> tuple:

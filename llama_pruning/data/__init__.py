@@ -1,6 +1,6 @@
 """Text sources (named corpora, local files, the offline folder) and token windows for calibration and PPL."""
 
-from llama_pruning.data.calibration import get_calibration_samples, split_windows, tokenize_text
+from llama_pruning.data.calibration import calibration_indices, get_calibration_samples, split_windows, tokenize_text
 from llama_pruning.data.sources import (
     DATA_ENV,
     DATASETS,
@@ -16,6 +16,7 @@ __all__ = [
     "DATA_ENV",
     "DataError",
     "TextSource",
+    "calibration_indices",
     "get_calibration_samples",
     "get_eval_text",
     "get_text_rows",

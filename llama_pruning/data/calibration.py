@@ -30,6 +30,24 @@ def split_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
     return ids[: count * seq_len].view(count, seq_len)
 
 
+def calibration_indices(windows: torch.Tensor, num_samples: int, seed: int) -> list[int]:
+    """Indices of the windows a calibration draw of `num_samples` with `seed` uses, in draw order.
+
+    A seeded permutation, skipping windows whose tokens repeat an earlier pick; a smaller draw with the
+    same seed is a prefix of a larger one. Fewer indices come back when the windows run out.
+    """
+    chosen: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    for index in torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist():
+        key = tuple(windows[index].tolist())
+        if key not in seen:
+            seen.add(key)
+            chosen.append(index)
+            if len(chosen) == num_samples:
+                break
+    return chosen
+
+
 def get_calibration_samples(
     tokenizer: PreTrainedTokenizerBase,
     dataset: str,
@@ -47,15 +65,9 @@ def get_calibration_samples(
     source = load_text(dataset, "calibration")
     ids = tokenize_text(tokenizer, source.text)
     windows = split_windows(ids, seq_len)
-    chosen: list[int] = []
-    seen: set[tuple[int, ...]] = set()
-    for index in torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist():
-        key = tuple(windows[index].tolist())
-        if key not in seen:
-            seen.add(key)
-            chosen.append(index)
-            if len(chosen) == num_samples:
-                return windows[chosen].clone()
+    chosen = calibration_indices(windows, num_samples, seed)
+    if len(chosen) == num_samples:
+        return windows[chosen].clone()
     raise DataError(
         f"{source.origin} has {ids.numel()} tokens, {len(chosen)} distinct windows of {seq_len}: too few for "
         f"{num_samples} samples; lower num_samples or seq_len, or use a larger text"

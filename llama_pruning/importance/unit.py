@@ -6,6 +6,7 @@ Methods (formulas and signs in docs/IMPORTANCE.md):
   squared per-sample gradient; variants `mix` |w g - 0.5 w^2 F|, `second` 0.5 w^2 F, `sum` |w g| + 0.5 w^2 F.
 - `wanda`: sum over the unit's weights of |w| * ||x_in||_2 (input feature norm over all calibration tokens).
 - `magnitude`: L2 norm of all the unit's weights; `random`: seeded uniform scores.
+- `obs`: the loss increase after the best re-fit of the block, greedy per block (importance/obs.py).
 
 Gradient methods never ask autograd for weight gradients: a forward hook on each projection keeps its
 input x and hooks its output, whose gradient dy arrives in the backward pass; the weight gradient is then
@@ -27,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llama_pruning import placement
+from llama_pruning.importance.obs import obs_scores
 from llama_pruning.importance.runtime import (
     calibration_session,
     check_batch_size,
@@ -281,6 +283,8 @@ def compute_importance(
             columns = _magnitude(model, spec)
         elif method == "wanda":
             columns = _wanda(model, samples, spec, dev, gradient_batch_size, progress)
+        elif method == "obs":
+            columns = obs_scores(model, samples, spec, dev, gradient_batch_size, progress)
         else:
             variant = taylor_2nd_variant if method == "taylor_2nd" else None
             columns = _taylor(model, samples, spec, dev, gradient_batch_size, variant, progress)

@@ -1,0 +1,142 @@
+"""The dev split on which pruning defaults are chosen, never the wikitext-2 test split (docs/RESULTS_NOTES.md).
+
+    python -m bench.dev split                              # (re)write bench/dev_split.json
+    python -m bench.dev run NAME --point P20 --seeds 0 1 2 -- [flags of `llama-pruning global`]
+    python -m bench.dev report                             # bench/results_dev.md from bench/results_dev.jsonl
+
+Dev windows: the 128-token windows of wiki.valid.tokens (the calibration file, tokenized as calibration
+tokenizes it) that no calibration draw of seeds 0-2 uses, up to 512 samples; the file is not cut, so
+calibration is unchanged. Dev PPL: the evaluation protocol's PPL over 128 of them spread evenly through
+the file. Each run is the real `global` command in a subprocess (its defaults unless flags are given)
+with calibration seed s; its saved model is scored on the dev windows, then deleted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLIT = ROOT / "bench" / "dev_split.json"
+RESULTS = ROOT / "bench" / "results_dev.jsonl"
+CACHE = ROOT / "bench" / "results_dev_runs" / ".importance_cache"
+RATIOS = {"P20": 0.158, "P30": 0.2369, "P50": 0.3948}  # 20 / 30 / 50 % of SmolLM2's decoder-layer parameters
+SEQ_LEN, SEEDS, MAX_SAMPLES, EVAL_WINDOWS = 128, (0, 1, 2), 512, 128
+
+
+def calibration_windows(tokenizer) -> torch.Tensor:
+    """Every 128-token window of the calibration text, as `get_calibration_samples` cuts it."""
+    from llama_pruning.data import load_text, split_windows, tokenize_text
+
+    return split_windows(tokenize_text(tokenizer, load_text("wikitext2", "calibration").text), SEQ_LEN)
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    return hashlib.sha256(windows.numpy().astype("<i8").tobytes()).hexdigest()
+
+
+def make_split(tokenizer) -> dict:
+    """Dev window indices: those no seed in SEEDS draws within MAX_SAMPLES, and an evenly spread subset to score."""
+    from llama_pruning.data import calibration_indices
+
+    windows = calibration_windows(tokenizer)
+    used = set().union(*(calibration_indices(windows, MAX_SAMPLES, seed) for seed in SEEDS))
+    dev = [i for i in range(len(windows)) if i not in used]
+    step = len(dev) / EVAL_WINDOWS
+    scored = [dev[int(k * step)] for k in range(EVAL_WINDOWS)]
+    return {"text": "wikitext2 calibration split (wiki.valid.tokens)", "tokenizer": "smollm2-135m", "seq_len": SEQ_LEN,
+            "windows": len(windows), "excluded_seeds": list(SEEDS), "excluded_samples": MAX_SAMPLES,
+            "dev": dev, "scored": scored, "scored_sha256": windows_sha256(windows[scored])}
+
+
+def dev_windows(tokenizer) -> torch.Tensor:
+    """The scored dev windows, checked against the token hash recorded with the split."""
+    split = json.loads(SPLIT.read_text())
+    windows = calibration_windows(tokenizer)[split["scored"]]
+    if windows_sha256(windows) != split["scored_sha256"]:
+        raise SystemExit(f"{SPLIT}: the dev windows' tokens changed (another text or tokenizer?)")
+    return windows
+
+
+def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.Tensor) -> dict:
+    """One `global` run at calibration `seed`, scored on the dev windows."""
+    from llama_pruning.evaluation.ppl import window_perplexity
+    from llama_pruning.models import load_model
+
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE.parent) as root:
+        cmd = [sys.executable, "-m", "llama_pruning.cli.main", "global", "--pruning_ratio", str(RATIOS[point]),
+               "--seed", str(seed), "--output_root", root, "--save_ckpt_log_name", "run", "--save_model",
+               "--importance_cache", str(CACHE), *flags]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        metrics = json.loads((Path(root) / "run" / "metrics.json").read_text())
+        model, _ = load_model(str(Path(root) / "run"), device="cpu")
+        ppl = window_perplexity(model, windows, desc=f"dev PPL {name} s{seed}")
+    return {"name": name, "point": point, "seed": seed, "flags": " ".join(flags), "dev PPL": round(ppl, 4),
+            "params_after": metrics["params_after"], "pruning seconds": metrics["pruning seconds"],
+            "peak RSS MiB": metrics["peak RSS MiB"], "torch threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
+            "load average": round(os.getloadavg()[0], 1)}
+
+
+def report(rows: list[dict]) -> str:
+    """Mean dev PPL over seeds per (name, point), with the spread, seconds and memory."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["point"], row["name"]), []).append(row)
+    lines = ["# Dev-split rows (never the test split)", "",
+             f"Generated by `python -m bench.dev report` from {RESULTS.name}; protocol in bench/dev.py and "
+             "docs/RESULTS_NOTES.md. PPL: mean over calibration seeds (min-max in brackets).", "",
+             "| point | row | flags | seeds | dev PPL | pruning s | peak RSS MiB | load |", "|---|---|---|---|---|---|---|---|"]
+    for (point, name), group in sorted(groups.items()):
+        ppls = [r["dev PPL"] for r in group]
+        spread = f" [{min(ppls):.2f}-{max(ppls):.2f}]" if len(group) > 1 else ""
+        lines.append(f"| {point} | {name} | {group[0]['flags'] or '(defaults)'} | {','.join(str(r['seed']) for r in group)} | "
+                     f"{statistics.mean(ppls):.2f}{spread} | {statistics.mean(r['pruning seconds'] for r in group):.0f} | "
+                     f"{max(r['peak RSS MiB'] for r in group):.0f} | {max(r['load average'] for r in group)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["split", "run", "report"])
+    parser.add_argument("name", nargs="?", help="row name (run)")
+    parser.add_argument("--point", choices=RATIOS, default="P20")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = parser.parse_args(argv)
+    if args.action == "report":
+        rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line]
+        (ROOT / "bench" / "results_dev.md").write_text(report(rows))
+        return 0
+    from llama_pruning.models import load_model
+
+    _, tokenizer = load_model("smollm2-135m", device="cpu")
+    if args.action == "split":
+        SPLIT.write_text(json.dumps(make_split(tokenizer)) + "\n")
+        return 0
+    if not args.name:
+        parser.error("run needs a row NAME")
+    windows = dev_windows(tokenizer)
+    for seed in args.seeds:
+        row = run_seed(args.name, args.point, seed, flags, windows)
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""`obs`: unit scores that see compensation, from structured Optimal Brain Surgeon on each block's output projection.
+
+Cutting units of a block only drops input columns S of its o_proj / down_proj (W: out x in), whose dense input
+Gram matrix over the calibration tokens is H = X^T X (+ damping). After the best least-squares update of the
+kept columns the output error is W_S (H^-1_SS)^-1 W_S^T per output row (OBS; structured as in SlimGPT/ZipLM).
+Weighting output feature d by the Fisher diagonal F_d = sum_t (dL/dy_td)^2 of the block output (L: the mean
+token NLL) turns it into a second-order loss estimate dL = 0.5 sum_d F_d E_d, comparable across blocks.
+Units are removed greedily per block, cheapest first, W and H^-1 updated after each removal; a unit's score
+is the loss increase at its step (running maximum), so the global knapsack takes each block in greedy order.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from llama_pruning.importance.runtime import layerwise_backward
+from llama_pruning.models.arch import ModelSpec, decoder_layers
+
+CHUNKS = 128  # greedy rounds per block at most: MLP channels go ~n/128 at a time (one low-rank update each)
+DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) leaves the compensation
+
+
+class OBSAccumulator:
+    """Per layer: the Gram matrix of o_proj / down_proj inputs and the squared output gradients, then greedy OBS."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.spec = spec
+        self.layers = decoder_layers(model)
+        self.gram: dict[tuple[int, str], torch.Tensor] = {}
+        self.fisher: dict[tuple[int, str], torch.Tensor] = {}
+        self.importance: dict[tuple[int, str], torch.Tensor] = {}
+
+    def attach(self) -> list:
+        handles = []
+        for index, layer in enumerate(self.layers):
+            for kind, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+                handles.append(linear.register_forward_hook(partial(self._on_forward, (index, kind))))
+        return handles
+
+    def _on_forward(self, key: tuple[int, str], _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:  # the backward re-run of the layer, not the no-grad forward before it
+            x = inputs[0].detach()
+            output.register_hook(lambda dy: self._consume(key, x, dy))
+
+    @torch.no_grad()
+    def _consume(self, key: tuple[int, str], x: torch.Tensor, dy: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        dy = dy.reshape(-1, dy.shape[-1]).double()
+        if key in self.gram:
+            self.gram[key].addmm_(x.T, x)
+            self.fisher[key].add_(dy.square().sum(0))
+        else:
+            self.gram[key], self.fisher[key] = x.T @ x, dy.square().sum(0)
+
+    @torch.no_grad()
+    def fold_layer(self, index: int) -> None:
+        """Greedy OBS scores of one layer's two blocks; frees its statistics."""
+        layer = self.layers[index]
+        sizes = {"attn": self.spec.n_rep * self.spec.head_dim, "mlp": 1}
+        for kind, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+            gram, fisher = self.gram.pop((index, kind)), self.fisher.pop((index, kind))
+            n = linear.in_features // sizes[kind]
+            self.importance[(index, kind)] = greedy_obs(linear.weight.detach().double(), gram, fisher, sizes[kind],
+                                                        chunk=max(1, n // CHUNKS))
+
+    def finish(self) -> dict[str, dict]:
+        return {"importance": self.importance}
+
+
+def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, group: int,
+               damping: float = DAMPING, chunk: int = 1) -> torch.Tensor:
+    """Per group of `group` consecutive input columns: the Fisher-weighted OBS loss increase at its greedy step.
+
+    `weight` is out x in, `gram` in x in (damped in place and consumed), `fisher` per output feature;
+    returns a float64 vector (one per group), increasing along the greedy order. `chunk` > 1 removes that
+    many cheapest groups per step (one rank-`chunk` update instead of as many rank-1 ones; exact greedy is 1).
+    """
+    n = weight.shape[1] // group
+    gram.diagonal().add_(damping * gram.diagonal().mean().clamp_min(1e-12))
+    factor = torch.linalg.cholesky(gram)
+    del gram
+    hinv = torch.cholesky_inverse(factor)
+    del factor
+    w = weight.clone()
+    live = torch.arange(n)  # the groups still in w and hinv, in their column order there
+    offsets = torch.arange(group)
+    scores = torch.empty(n, dtype=torch.float64)
+    best = 0.0
+    while live.numel():
+        m = live.numel()
+        if group == 1:  # MLP channels: no batched inverses
+            cost = 0.5 * (fisher @ w.square()) / hinv.diagonal()
+        else:
+            blocks = hinv.reshape(m, group, m, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (m, group, group)
+            ws = w.reshape(w.shape[0], m, group)
+            cost = 0.5 * torch.einsum("d,dga,gab,dgb->g", fisher, ws, torch.linalg.inv(blocks), ws)
+        order = cost.argsort()
+        picks, rest = order[:chunk], order[chunk:].sort().values
+        for g in picks.tolist():
+            best = max(float(cost[g]), best * (1 + 1e-12))  # strictly increasing: ties keep the greedy order
+            scores[live[g]] = best
+        cols = (picks[:, None] * group + offsets).flatten()
+        kept = (rest[:, None] * group + offsets).flatten()
+        # W_K <- W_K - W_S B H^-1_SK ; H^-1_KK <- H^-1_KK - H^-1_KS B H^-1_SK with B = (H^-1_SS)^-1: the inverse
+        # of H restricted to the kept columns, and the best re-fit of the kept weights
+        b_rows = torch.linalg.solve(hinv[cols[:, None], cols], hinv[cols[:, None], kept])
+        w = w[:, kept] - w[:, cols] @ b_rows
+        hinv = hinv[kept[:, None], kept] - hinv[kept[:, None], cols] @ b_rows
+        live = live[rest]
+    return scores
+
+
+def obs_scores(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
+               progress: bool) -> dict[str, dict]:
+    """Layer-by-layer gradient pass collecting what greedy OBS needs, then the scores of every block."""
+    acc = OBSAccumulator(model, spec)
+    handles = acc.attach()
+    try:
+        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, "obs", progress)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acc.finish()
