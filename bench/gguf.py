@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = split_windows(tokenize_text(tokenizer, load_text("wikitext2", "evaluation").text), PROMPT, args.ppl_windows)
     tokens = windows[:2].flatten().tolist()  # prompt, then the decoded continuation
     dense_hf = {"ppl": window_perplexity(dense_model, windows, desc="HF dense"), "macs": prefill_macs(dense_model, PROMPT)}
+    measured: dict[str, float] = {}  # llama.cpp PPL per GGUF file: the dense files are shared by every point
     for name in args.points.split(","):
         folder = str(prune(args.runs, name, POINTS[name]))
         model = load_model(folder, device="cpu")[0]
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
                                         "macs": prefill_macs(model, PROMPT)}}
         for outtype in args.types.split(","):
             files = {"dense": export(DEFAULT_MODEL, "dense", outtype, args.runs), name: export(folder, name, outtype, args.runs)}
-            ppl = {who: llama_cpp_ppl(Path(f["path"]), windows) for who, f in files.items()}
+            for f in files.values():
+                if f["path"] not in measured:
+                    measured[f["path"]] = llama_cpp_ppl(Path(f["path"]), windows)
+            ppl = {who: measured[f["path"]] for who, f in files.items()}
             speed = paired_speed(Path(files[name]["path"]), Path(files["dense"]["path"]), tokens, args.repeats)
             row = {"type": outtype, "model": name, "files": files, "ppl": ppl, "speed": speed, "hf": hf,
                    "ppl_windows": args.ppl_windows, "repeats": args.repeats, "load": os.getloadavg()[0]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import gguf
 import numpy as np
@@ -207,6 +208,26 @@ def test_quantized_fallback_refused_unless_allowed(tmp_path):
     counts = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_1", dense_spec=dense_spec, allow_fallback=True)
     assert counts == {"F32": 9, "Q4_1": 28, "Q8_0": 1, "F16": 1}  # blk.1.ffn_down (20 channels) falls back
     assert tensor_type_counts(tmp_path / "m.gguf") == counts
+
+
+def test_layer_command_rounds_for_the_gguf_block(tmp_path, data_dir):
+    """`layer --save_gguf --outtype q4_1` rounds MLP widths to 32, so no tensor falls back to a wider type."""
+    tokenizer = byte_level_tokenizer("llama-bpe")
+    tiny_model(vocab_size=len(tokenizer), intermediate=256, head_dim=16).save_pretrained(tmp_path / "dense")  # hidden 128
+    tokenizer.save_pretrained(tmp_path / "dense")
+    code = main(["layer", "--base_model", str(tmp_path / "dense"), "--output_root", str(tmp_path), "--save_ckpt_log_name",
+                 "l", "--pruning_ratio", "0.3", "--pruning_distribution", "0:10", "--save_gguf", "--outtype", "q4_1",
+                 "--reconstruct", "none", "--num_samples", "4", "--seq_len", "32", "--gradient_batch_size", "2",
+                 "--device", "cpu"])
+    assert code == 0
+    path = tmp_path / "l" / "model-q4_1.gguf"
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "deci"
+    widths = reader.fields["deci.feed_forward_length"].contents()
+    config = json.loads((tmp_path / "l" / "layer_importance_config.json").read_text())["layers"]
+    assert widths == [round(256 * (1 - layer["mlp_ratio"])) for layer in config]
+    assert all(w % 32 == 0 for w in widths) and len(set(widths)) > 1
+    assert tensor_type_counts(path) == {"F32": 9, "Q4_1": 29, "Q8_0": 1}  # the dense export's types: nothing fell back
 
 
 def test_outtype_checked_before_pruning(tmp_path, capsys):

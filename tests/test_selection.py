@@ -148,6 +148,28 @@ def test_remove_layers_depth_only():
     assert all(len(plan.mlp_channels[i]) == 48 for i in (0, 2, 4, 5))
 
 
+def test_layerwise_round_to_rounds_only_pruned_layers():
+    """Pruned layers' MLP widths become the nearest multiple of 32 (best channels kept); frozen and deleted ones don't move."""
+    model = tiny_model(layers=6, intermediate=100)  # 100 is not a multiple of 32: rounding the frozen layer would cut it
+    scores = [0.5, 0.1, 0.4, 0.05, 0.9, 0.3]
+    table = rigged_table(model, -1)
+    args = dict(distribution=(0.2, 0.8), freeze_top_n_layers=1, remove_layers=1)
+    exact, _, _ = layerwise_plan(model, table, scores, 0.3, **args)
+    plan, groups, config = layerwise_plan(model, table, scores, 0.3, round_to=32, **args)
+    assert plan.removed_layers == [3] and config["frozen"].tolist() == [False, False, False, False, True, False]
+    assert plan.mlp_channels[3] == [] and plan.mlp_channels[4] == list(range(100))
+    mlp = groups[groups["group_type"] == "mlp"]
+    for i in (0, 1, 2, 5):
+        width = len(exact.mlp_channels[i])
+        assert len(plan.mlp_channels[i]) == max(32, round(width / 32) * 32)
+        best = mlp[mlp["layer_idx"] == i].sort_values("score", ascending=False).head(len(plan.mlp_channels[i]))
+        assert plan.mlp_channels[i] == sorted(best["group_idx"].tolist())
+        assert config["mlp_ratio"][i] == (100 - len(plan.mlp_channels[i])) / 100
+    assert plan.mlp_channels != exact.mlp_channels and plan.attn_groups == exact.attn_groups
+    with pytest.raises(SelectionError, match="--round_to must be >= 1"):
+        layerwise_plan(model, table, scores, 0.3, round_to=0)
+
+
 def test_allocate_respects_caps_and_total():
     got = allocate(10, np.array([0.7, 0.2, 0.1]), np.array([3, 5, 5]))
     assert got.sum() == 10 and got[0] == 3 and (got <= [3, 5, 5]).all()

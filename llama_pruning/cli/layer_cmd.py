@@ -39,6 +39,7 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
     plan, groups, config = layerwise_plan(
         model, table, scores, args.pruning_ratio, distribution=parse_distribution(args.pruning_distribution),
         strategy=args.pruning_strategy, freeze_top_n_layers=args.freeze_top_n_layers, remove_layers=args.remove_layers,
+        round_to=args.round_to,
     )
     path = args.run_path / "layer_importance_config.json"
     path.write_text(json.dumps({"method": args.layer_importance_method, "layers": config.to_dict("records")}, indent=1))

@@ -7,6 +7,8 @@ met to within one MLP channel and the attention/MLP balance falls out of the sco
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pandas as pd
 from torch import nn
@@ -113,7 +115,7 @@ def global_plan(
             break
     groups["pruned"] = pruned
     if round_to > 1:
-        _round_mlp(groups, round_to, keep_one=not remove_empty_layers)
+        round_mlp(groups, round_to, keep_one=not remove_empty_layers)
 
     return plan_from_table(spec, str(model.config.name_or_path), groups), groups
 
@@ -130,9 +132,15 @@ def plan_from_table(spec: ModelSpec, base_model: str, groups: pd.DataFrame) -> P
     return plan
 
 
-def _round_mlp(groups: pd.DataFrame, multiple: int, keep_one: bool) -> None:
-    """Re-decide each layer's MLP channels so the kept width is the nearest multiple of `multiple`."""
+def round_mlp(groups: pd.DataFrame, multiple: int, keep_one: bool, layers: Collection[int] | None = None) -> None:
+    """Re-decide each layer's MLP channels (of `layers`, default all) so the kept width is the nearest multiple of `multiple`.
+
+    Each layer is rounded on its own (both commands' --round_to), so the removed total can move by up to
+    `multiple` / 2 channels per layer, more where `keep_one` lifts a block rounded to zero to one multiple.
+    """
     mlp = groups[groups["group_type"] == "mlp"]
+    if layers is not None:
+        mlp = mlp[mlp["layer_idx"].isin(list(layers))]
     for _, rows in mlp.groupby("layer_idx"):
         width = int((~rows["pruned"]).sum())
         rounded = int(round(width / multiple)) * multiple

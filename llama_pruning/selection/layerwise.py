@@ -5,7 +5,8 @@ across layers. `uniform` gives every unfrozen layer the same share; `inverse` gi
 proportional to 1 / s_i (s_i = layer importance, floored at 1e-3 * max s so a near-zero score cannot
 take everything), so less important layers are pruned harder. Shares are turned into whole units by
 water-filling with per-layer caps (every block keeps at least one unit) and largest remainders.
-Within a layer the least important units (by the unit importance table) go first.
+Within a layer the least important units (by the unit importance table) go first. `round_to` then
+rounds each pruned layer's MLP width to the nearest multiple, as global selection does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from llama_pruning.models.arch import count_params, model_spec
 from llama_pruning.options import STRATEGIES
 from llama_pruning.plan import PruningPlan
-from llama_pruning.selection.global_knapsack import SelectionError, group_table, plan_from_table
+from llama_pruning.selection.global_knapsack import SelectionError, group_table, plan_from_table, round_mlp
 
 
 def parse_distribution(text: str) -> tuple[float, float]:
@@ -89,6 +90,7 @@ def layerwise_plan(
     strategy: str = "inverse",
     freeze_top_n_layers: int = 0,
     remove_layers: int = 0,
+    round_to: int = 1,
 ) -> tuple[PruningPlan, pd.DataFrame, pd.DataFrame]:
     """Plan per-layer pruning; returns (plan, group table, per-layer config table).
 
@@ -102,6 +104,8 @@ def layerwise_plan(
     if not 0 <= pruning_ratio < 1:
         raise SelectionError(f"--pruning_ratio must be in [0, 1), got {pruning_ratio}")
     check_layer_counts(n, remove_layers, freeze_top_n_layers)
+    if round_to < 1:
+        raise SelectionError(f"--round_to must be >= 1, got {round_to}")
     ranked = sorted(range(n), key=lambda i: (layer_scores[i], i))  # least important first
     deleted = set(ranked[:remove_layers])
     frozen = set(ranked[::-1][:freeze_top_n_layers])
@@ -133,13 +137,16 @@ def layerwise_plan(
             rows = groups[(groups["layer_idx"] == layer) & (groups["group_type"] == kind)]
             drop = rows.sort_values(["score", "group_idx"], kind="stable").index[:k]
             groups.loc[drop, "pruned"] = True
+    if round_to > 1:  # frozen and deleted layers keep their width
+        round_mlp(groups, round_to, keep_one=True, layers=active)
+    ratios = groups.groupby(["group_type", "layer_idx"])["pruned"].mean()
     plan = plan_from_table(spec, str(model.config.name_or_path), groups)
     config = pd.DataFrame(
         {
             "layer": range(n),
             "importance": layer_scores,
-            "attn_ratio": [1.0 if i in deleted else counts["attn"].get(i, 0) / spec.num_kv_heads for i in range(n)],
-            "mlp_ratio": [1.0 if i in deleted else counts["mlp"].get(i, 0) / spec.intermediate_size for i in range(n)],
+            "attn_ratio": [float(ratios["attn", i]) for i in range(n)],
+            "mlp_ratio": [float(ratios["mlp", i]) for i in range(n)],
             "frozen": [i in frozen for i in range(n)],
             "removed": [i in deleted for i in range(n)],
         }
