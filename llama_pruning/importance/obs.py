@@ -16,8 +16,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from llama_pruning.importance.runtime import layerwise_backward
-from llama_pruning.models.arch import ModelSpec, decoder_layers
+from llama_pruning.importance.runtime import layerwise_backward, on_output_gradient
+from llama_pruning.importance.units import unit_linears
+from llama_pruning.models.arch import ModelSpec
 
 CHUNKS = 128  # greedy rounds per block at most: MLP channels go ~n/128 at a time (one low-rank update each)
 DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) leaves the compensation
@@ -27,23 +28,14 @@ class OBSAccumulator:
     """Per layer: the Gram matrix of o_proj / down_proj inputs and the squared output gradients, then greedy OBS."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec):
-        self.spec = spec
-        self.layers = decoder_layers(model)
+        self.units = [unit for unit in unit_linears(model, spec) if unit.axis == 1]  # o_proj, down_proj: units = columns
         self.gram: dict[tuple[int, str], torch.Tensor] = {}
         self.fisher: dict[tuple[int, str], torch.Tensor] = {}
         self.importance: dict[tuple[int, str], torch.Tensor] = {}
 
     def attach(self) -> list:
-        handles = []
-        for index, layer in enumerate(self.layers):
-            for kind, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
-                handles.append(linear.register_forward_hook(partial(self._on_forward, (index, kind))))
-        return handles
-
-    def _on_forward(self, key: tuple[int, str], _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if output.requires_grad:  # the backward re-run of the layer, not the no-grad forward before it
-            x = inputs[0].detach()
-            output.register_hook(lambda dy: self._consume(key, x, dy))
+        return [on_output_gradient(unit.linear, partial(self._consume, (unit.layer_idx, unit.group_type)))
+                for unit in self.units]
 
     @torch.no_grad()
     def _consume(self, key: tuple[int, str], x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -58,13 +50,12 @@ class OBSAccumulator:
     @torch.no_grad()
     def fold_layer(self, index: int) -> None:
         """Greedy OBS scores of one layer's two blocks; frees its statistics."""
-        layer = self.layers[index]
-        sizes = {"attn": self.spec.n_rep * self.spec.head_dim, "mlp": 1}
-        for kind, linear in (("attn", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
-            gram, fisher = self.gram.pop((index, kind)), self.fisher.pop((index, kind))
-            n = linear.in_features // sizes[kind]
-            self.importance[(index, kind)] = greedy_obs(linear.weight.detach().double(), gram, fisher, sizes[kind],
-                                                        chunk=max(1, n // CHUNKS))
+        for unit in self.units:
+            if unit.layer_idx == index:
+                key = (index, unit.group_type)
+                self.importance[key] = greedy_obs(unit.linear.weight.detach().double(), self.gram.pop(key),
+                                                  self.fisher.pop(key), unit.linear.in_features // unit.n_units,
+                                                  chunk=max(1, unit.n_units // CHUNKS))
 
     def finish(self) -> dict[str, dict]:
         return {"importance": self.importance}

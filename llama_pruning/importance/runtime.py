@@ -77,6 +77,19 @@ def forward_by_layer(model: nn.Module, samples: torch.Tensor, batch_size: int, s
     return hidden, kwargs
 
 
+def on_output_gradient(linear: nn.Module, consume: Callable[[torch.Tensor, torch.Tensor], None]):
+    """Hook `linear` so each backward through it calls `consume(x, dy)`: its input and its output's gradient.
+
+    Forwards without a graph (the no-grad pass that precedes a layer's re-run) are ignored. Returns the handle.
+    """
+    def hook(_module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            x = inputs[0].detach()
+            output.register_hook(lambda dy: consume(x, dy))
+
+    return linear.register_forward_hook(hook)
+
+
 def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.device, batch_size: int,
                        layer_done: Callable[[int], None], desc: str, progress: bool) -> None:
     """Backpropagate the mean token NLL over all samples one decoder layer at a time, last layer first.

@@ -36,6 +36,7 @@ from llama_pruning.importance.runtime import (
     check_samples,
     forward_by_layer,
     layerwise_backward,
+    on_output_gradient,
 )
 from llama_pruning.importance.units import (
     GROUP_TYPES,
@@ -105,13 +106,7 @@ class TaylorAccumulator:
         return self.variant is not None
 
     def attach(self) -> list:
-        return [unit.linear.register_forward_hook(partial(self._on_forward, unit)) for unit in self.units]
-
-    def _on_forward(self, unit: UnitLinear, _module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        # Without a graph (e.g. the first pass of reentrant checkpointing) there is nothing to wait for.
-        if output.requires_grad:
-            x = inputs[0].detach()
-            output.register_hook(lambda dy: self._consume(unit, x, dy))
+        return [on_output_gradient(unit.linear, partial(self._consume, unit)) for unit in self.units]
 
     def _consume(self, unit: UnitLinear, x: torch.Tensor, dy: torch.Tensor) -> None:
         x = x.float().reshape(x.shape[0], -1, x.shape[-1])
