@@ -75,9 +75,10 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)
         layer = (n + 1) * tokens * h * s + per_weight + 2 * i * h * 4 + acts
         peaks["importance"] = weights + max(head, layer)
-    elif work.importance == "obs":  # Taylor's backward without per-weight sums; one layer's float64 Grams,
-        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)  # then the MLP's factor, inverse and W
-        layer = (n + 1) * tokens * h * s + (3 * i * i + q * q + 2 * i * h) * SOLVE_BYTES + acts
+    elif work.importance == "obs":  # Taylor's backward without per-weight sums; one layer's float64 Grams, then
+        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)  # the MLP's H^-1 in the Gram's storage,
+        greedy = 2 * i * h + 2 * i * (i // 128)  # W in float64 and its square, two slices of H^-1 per round
+        layer = (n + 1) * tokens * h * s + (i * i + q * q + greedy) * SOLVE_BYTES + acts
         peaks["importance"] = weights + max(head, layer)
     else:
         # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)

@@ -53,7 +53,7 @@ class OBSAccumulator:
         for unit in self.units:
             if unit.layer_idx == index:
                 key = (index, unit.group_type)
-                self.importance[key] = greedy_obs(unit.linear.weight.detach().double(), self.gram.pop(key),
+                self.importance[key] = greedy_obs(unit.linear.weight.detach(), self.gram.pop(key),
                                                   self.fisher.pop(key), unit.linear.in_features // unit.n_units,
                                                   chunk=max(1, unit.n_units // CHUNKS))
 
@@ -65,42 +65,41 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
                damping: float = DAMPING, chunk: int = 1) -> torch.Tensor:
     """Per group of `group` consecutive input columns: the Fisher-weighted OBS loss increase at its greedy step.
 
-    `weight` is out x in, `gram` in x in (damped in place and consumed), `fisher` per output feature;
-    returns a float64 vector (one per group), increasing along the greedy order. `chunk` > 1 removes that
-    many cheapest groups per step (one rank-`chunk` update instead of as many rank-1 ones; exact greedy is 1).
+    `weight` is out x in, `gram` in x in float64 (damped, factored and inverted in place: consumed), `fisher` per
+    output feature; returns a float64 vector (one per group), increasing along the greedy order. `chunk` > 1
+    removes that many cheapest groups per step (one rank-`chunk` update instead of as many rank-1 ones).
+    Memory: H^-1 lives in `gram`'s storage and W in one float64 copy; removed columns are zeroed, not cut out.
     """
     n = weight.shape[1] // group
     gram.diagonal().add_(damping * gram.diagonal().mean().clamp_min(1e-12))
-    factor = torch.linalg.cholesky(gram)
-    del gram
-    hinv = torch.cholesky_inverse(factor)
-    del factor
-    w = weight.clone()
-    live = torch.arange(n)  # the groups still in w and hinv, in their column order there
+    hinv = gram.T  # the column-major view of a symmetric matrix: LAPACK factors and inverts it without a copy
+    torch.linalg.cholesky(hinv, out=hinv)
+    torch.cholesky_inverse(hinv, out=hinv)
+    hinv = gram  # symmetric: the same matrix, row-major
+    w = weight.to(torch.float64, copy=True)
+    live = torch.arange(n)  # groups not yet removed, in column order
     offsets = torch.arange(group)
     scores = torch.empty(n, dtype=torch.float64)
     best = 0.0
     while live.numel():
-        m = live.numel()
+        cols = (live[:, None] * group + offsets).flatten()
         if group == 1:  # MLP channels: no batched inverses
-            cost = 0.5 * (fisher @ w.square()) / hinv.diagonal()
+            cost = 0.5 * (fisher @ w.square())[live] / hinv.diagonal()[live]
         else:
-            blocks = hinv.reshape(m, group, m, group).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (m, group, group)
-            ws = w.reshape(w.shape[0], m, group)
+            blocks = hinv.reshape(n, group, n, group)[live, :, live, :]  # (live, group, group) diagonal blocks
+            ws = w[:, cols].reshape(w.shape[0], live.numel(), group)
             cost = 0.5 * torch.einsum("d,dga,gab,dgb->g", fisher, ws, torch.linalg.inv(blocks), ws)
         order = cost.argsort()
-        picks, rest = order[:chunk], order[chunk:].sort().values
-        for g in picks.tolist():
-            best = max(float(cost[g]), best * (1 + 1e-12))  # strictly increasing: ties keep the greedy order
-            scores[live[g]] = best
-        cols = (picks[:, None] * group + offsets).flatten()
-        kept = (rest[:, None] * group + offsets).flatten()
-        # W_K <- W_K - W_S B H^-1_SK ; H^-1_KK <- H^-1_KK - H^-1_KS B H^-1_SK with B = (H^-1_SS)^-1: the inverse
-        # of H restricted to the kept columns, and the best re-fit of the kept weights
-        b_rows = torch.linalg.solve(hinv[cols[:, None], cols], hinv[cols[:, None], kept])
-        w = w[:, kept] - w[:, cols] @ b_rows
-        hinv = hinv[kept[:, None], kept] - hinv[kept[:, None], cols] @ b_rows
-        live = live[rest]
+        picks, live = live[order[:chunk]], live[order[chunk:].sort().values]
+        for g, c in zip(picks.tolist(), cost[order[:chunk]].tolist(), strict=True):
+            best = max(c, best * (1 + 1e-12))  # strictly increasing: ties keep the greedy order
+            scores[g] = best
+        cut = (picks[:, None] * group + offsets).flatten()
+        # W <- W - W_S B and H^-1 <- H^-1 - H^-1_:S B with B = (H^-1_SS)^-1 H^-1_S: : the best re-fit of the kept
+        # weights and the inverse of H restricted to the kept columns; the cut rows and columns become zero
+        b_rows = torch.linalg.solve(hinv[cut[:, None], cut], hinv[cut])
+        w.addmm_(w[:, cut], b_rows, alpha=-1)
+        hinv.addmm_(hinv[:, cut], b_rows, alpha=-1)
     return scores
 
 
