@@ -25,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from bench.quality import POINTS as RATIOS  # 20 / 30 / 50 % of SmolLM2's decoder-layer parameters
+
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT = ROOT / "bench" / "dev_split.json"
 RESULTS = ROOT / "bench" / "results_dev.jsonl"
 CACHE = ROOT / "bench" / "results_dev_runs" / ".importance_cache"
-RATIOS = {"P20": 0.158, "P30": 0.2369, "P50": 0.3948}  # 20 / 30 / 50 % of SmolLM2's decoder-layer parameters
 SEQ_LEN, SEEDS, MAX_SAMPLES, EVAL_WINDOWS = 128, (0, 1, 2), 512, 128
 
 

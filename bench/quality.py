@@ -7,7 +7,7 @@
 Every row runs in its own subprocess (clean peak RSS) through the real command line; importance tables
 are cached across rows, so a method's importance is computed once per calibration set. Protocol:
 calibration 64 x 128 tokens of wiki.valid.tokens (seed 0); wikitext-2 PPL over the first 128 windows of
-128 tokens of wiki.test.raw; P20 / P30 = 20% / 30% of decoder-layer parameters (0.158 / 0.2369 of total).
+128 tokens of wiki.test.raw; P20 / P30 / P50 = 20% / 30% / 50% of decoder-layer parameters (0.158 / 0.2369 / 0.3948 of total).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from llama_pruning.importance import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"P20": 0.158, "P30": 0.2369}
+POINTS = {**RATIOS, "P50": 0.3948}  # P50 (50 % of decoder-layer parameters): the two lsq rows only
 
 
 def configurations() -> list[tuple[str, list[str]]]:
@@ -36,7 +37,7 @@ def configurations() -> list[tuple[str, list[str]]]:
     def global_row(point: str, method: str, reconstruct: str, *extra: str) -> tuple[str, list[str]]:
         suffix = "" if reconstruct == "none" else f" {reconstruct}"
         suffix += " remove_empty" if extra else ""
-        return (f"{point} global {method}{suffix}", ["global", "--pruning_ratio", str(RATIOS[point]),
+        return (f"{point} global {method}{suffix}", ["global", "--pruning_ratio", str(POINTS[point]),
                                                       "--importance_method", method, "--reconstruct", reconstruct, *extra])
 
     def layer_row(point: str, dist: str, strategy: str) -> tuple[str, list[str]]:
@@ -44,6 +45,7 @@ def configurations() -> list[tuple[str, list[str]]]:
                                                      dist, "--pruning_strategy", strategy, "--reconstruct", "none"])
 
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
+    rows += [global_row(p, "obs", "lsq") for p in POINTS] + [global_row("P50", "taylor", "lsq")]
     # the same with the solve on the 64 importance windows only (the default solve draws 256)
     rows += [(f"{p} global taylor lsq 64-window solve", [*global_row(p, "taylor", "lsq")[1], "--reconstruct_samples", "64"])
              for p in RATIOS]
