@@ -29,7 +29,7 @@ class Workload:
     seq_len: int = 128
     batch_size: int = 4
     reconstruct_samples: int = 256
-    importance: str = "taylor"  # taylor, taylor_2nd (mix), obs, or any forward-only method
+    importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
     reconstruct: str = "lsq"
 
 
@@ -75,10 +75,9 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)
         layer = (n + 1) * tokens * h * s + per_weight + 2 * i * h * 4 + acts
         peaks["importance"] = weights + max(head, layer)
-    elif work.importance == "obs":  # Taylor's backward without per-weight sums; one layer's float64 Grams, then
-        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)  # the MLP's H^-1 in the Gram's storage,
-        greedy = 2 * i * h + 2 * i * (i // 128)  # W in float64 and its square, two slices of H^-1 per round
-        layer = (n + 1) * tokens * h * s + (i * i + q * q + greedy) * SOLVE_BYTES + acts
+    elif work.importance == "obs":  # Taylor's backward without per-weight sums, one layer's float64 Grams,
+        head = (n + 2) * tokens * h * s + batch_tokens * v * (s + 3 * 4)  # then the greedy OBS of its MLP
+        layer = (n + 1) * tokens * h * s + q * q * SOLVE_BYTES + obs_block_bytes(i, h) + acts
         peaks["importance"] = weights + max(head, layer)
     else:
         # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)
@@ -91,6 +90,12 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     elif work.reconstruct == "bias":
         peaks["reconstruction"] = weights + 2 * work.reconstruct_samples * work.seq_len * h * s + acts
     return peaks
+
+
+def obs_block_bytes(width: int, out: int) -> int:
+    """Greedy OBS of one block (importance/obs.py): its H^-1 in the Gram's own storage, W in float64 and its
+    square, and two `width x width/128` slices of H^-1 per round."""
+    return (width * width + 2 * width * out + 2 * width * (width // 128)) * SOLVE_BYTES
 
 
 # flag changes tried in order, each on top of the ones before, until the projection fits

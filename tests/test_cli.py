@@ -115,6 +115,17 @@ def test_help_lists_every_flag():
             assert flag in text, (command, flag)
 
 
+def test_importance_defaults_per_command():
+    """obs for global (chosen on the dev split), taylor for layer-wise; --fast takes taylor unless a later flag says."""
+    def parse(*argv: str):
+        return build_parser(argv[0]).parse_args(argv[1:])
+
+    assert parse("global").importance_method == "obs" and parse("layer").importance_method == "taylor"
+    fast = parse("global", "--fast")
+    assert (fast.importance_method, fast.num_samples, fast.reconstruct_samples) == ("taylor", 8, 8)
+    assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"
+
+
 def test_help_shows_defaults_without_importing_torch():
     """`--help` states the defaults and answers at once: the parsers are built without torch or transformers."""
     code = ("import sys\nfrom llama_pruning.cli.main import build_parser\n"
@@ -126,7 +137,7 @@ def test_help_shows_defaults_without_importing_torch():
     loaded, text = proc.stdout.split("\n", 1)
     assert loaded == "[]"
     text = " ".join(text.split())  # argparse wraps lines
-    for shown in ("to remove (default: 0.2)", "unit importance metric (default: taylor)", "calibration windows (default: 64)",
+    for shown in ("to remove (default: 0.2)", "unit importance metric (default: obs)", "calibration windows (default: 64)",
                   "tokens per calibration window (default: 128)", "(see docs/RECONSTRUCTION.md) (default: lsq)",
                   "(default: cuda when available, else cpu)"):
         assert shown in text, shown

@@ -95,7 +95,7 @@ def max_memory(text: str) -> dict:
 
 
 # --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
-FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8}
+FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8, "importance_method": "taylor"}
 
 
 class FastAction(argparse.Action):
@@ -107,7 +107,7 @@ class FastAction(argparse.Action):
             setattr(namespace, name, value)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, default_importance: str) -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
@@ -140,7 +140,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str) -> 
     p = parser.add_argument_group("importance")
     p.add_argument("--pruning_ratio", type=ratio, default=0.2,
                    help="fraction of the model's TOTAL parameters (embeddings included) to remove")
-    p.add_argument("--importance_method", choices=METHODS, default="taylor", help="unit importance metric")
+    p.add_argument("--importance_method", choices=METHODS, default=default_importance, help="unit importance metric")
     p.add_argument("--taylor_2nd_variant", choices=TAYLOR_2ND_VARIANTS, default=DEFAULT_TAYLOR_2ND_VARIANT,
                    help="form of the second-order Taylor score (see docs/IMPORTANCE.md)")
     p.add_argument("--dataset", default="wikitext2",

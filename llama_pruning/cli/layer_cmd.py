@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, default_name="layer_pruning")
+    add_common_arguments(parser, default_name="layer_pruning", default_importance="taylor")
     p = parser.add_argument_group("layer-wise selection")
     p.add_argument("--pruning_distribution", default="2:8",
                    help="attention:MLP split of the removed parameters, e.g. 2:8, 0:10 (MLP only), 10:0")
