@@ -82,12 +82,11 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
     scores = torch.empty(n, dtype=torch.float64)
     best = 0.0
     while live.numel():
-        cols = (live[:, None] * group + offsets).flatten()
         if group == 1:  # MLP channels: no batched inverses
             cost = 0.5 * (fisher @ w.square())[live] / hinv.diagonal()[live]
         else:
             blocks = hinv.reshape(n, group, n, group)[live, :, live, :]  # (live, group, group) diagonal blocks
-            ws = w[:, cols].reshape(w.shape[0], live.numel(), group)
+            ws = w[:, (live[:, None] * group + offsets).flatten()].reshape(w.shape[0], live.numel(), group)
             cost = 0.5 * torch.einsum("d,dga,gab,dgb->g", fisher, ws, torch.linalg.inv(blocks), ws)
         order = cost.argsort()
         picks, live = live[order[:chunk]], live[order[chunk:].sort().values]
