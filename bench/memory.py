@@ -329,8 +329,9 @@ def write_report() -> None:
 
 def main_obs_block(args: argparse.Namespace) -> None:
     """Live peak of greedy OBS on one block (random Gram of `width`, W out x width) against `obs_block_bytes`."""
-    from llama_pruning.importance.obs import CHUNKS, greedy_obs
+    from llama_pruning.importance.obs import greedy_obs
     from llama_pruning.memory import obs_block_bytes
+    from llama_pruning.options import OBS_CHUNKS
 
     torch.set_num_threads(1)
     meter = PhaseMeter("cpu")
@@ -341,7 +342,7 @@ def main_obs_block(args: argparse.Namespace) -> None:
     fisher = torch.rand(args.out, dtype=torch.float64, generator=generator)
     del x
     with meter.phase("obs"):
-        greedy_obs(weight, gram, fisher, 1, chunk=max(1, args.width // CHUNKS))
+        greedy_obs(weight, gram, fisher, 1, chunk=max(1, args.width // OBS_CHUNKS))
     live = meter.finish()["obs"]["live_peak_bytes"] - weight.numel() * 4 - fisher.numel() * 8  # inputs held before
     record = {"width": args.width, "out": args.out, "live_above_inputs_bytes": live,
               "model_bytes": obs_block_bytes(args.width, args.out), "load_avg": os.getloadavg()[0]}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from llama_pruning.options import OBS_CHUNKS
+
 # Llama-3 shapes (untied embeddings, vocab 128256): what bench/memory.py builds and what the docs project
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -94,8 +96,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
 
 def obs_block_bytes(width: int, out: int) -> int:
     """Greedy OBS of one block (importance/obs.py): its H^-1 in the Gram's own storage, W in float64 and its
-    square, and two `width x width/128` slices of H^-1 per round."""
-    return (width * width + 2 * width * out + 2 * width * (width // 128)) * SOLVE_BYTES
+    square, and two `width x chunk` slices of H^-1 per round (chunk = width / OBS_CHUNKS channels)."""
+    return (width * width + 2 * width * out + 2 * width * max(1, width // OBS_CHUNKS)) * SOLVE_BYTES
 
 
 # flag changes tried in order, each on top of the ones before, until the projection fits

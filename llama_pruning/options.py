@@ -11,6 +11,7 @@ METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random", "obs")
 TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
 DEFAULT_TAYLOR_2ND_VARIANT = "mix"
 LAYER_METHODS = ("block_influence", "removal", "taylor")
+OBS_CHUNKS = 128  # obs: greedy rounds per block at most (MLP channels go ~n/128 at a time, one low-rank update each)
 # selection
 NORMALIZATIONS = ("auto", "none", "layer")
 STRATEGIES = ("inverse", "uniform")

@@ -19,8 +19,8 @@ from torch import nn
 from llama_pruning.importance.runtime import layerwise_backward, on_output_gradient
 from llama_pruning.importance.units import unit_linears
 from llama_pruning.models.arch import ModelSpec
+from llama_pruning.options import OBS_CHUNKS
 
-CHUNKS = 128  # greedy rounds per block at most: MLP channels go ~n/128 at a time (one low-rank update each)
 DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) leaves the compensation
 
 
@@ -55,7 +55,7 @@ class OBSAccumulator:
                 key = (index, unit.group_type)
                 self.importance[key] = greedy_obs(unit.linear.weight.detach(), self.gram.pop(key),
                                                   self.fisher.pop(key), unit.linear.in_features // unit.n_units,
-                                                  chunk=max(1, unit.n_units // CHUNKS))
+                                                  chunk=max(1, unit.n_units // OBS_CHUNKS))
 
     def finish(self) -> dict[str, dict]:
         return {"importance": self.importance}
