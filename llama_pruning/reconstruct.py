@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
-from accelerate.utils import send_to_device
+from accelerate.utils import recursively_apply, send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from llama_pruning import placement
-from llama_pruning.models.arch import capture_layer_inputs, decoder_layers
-from llama_pruning.options import DEFAULT_DRIFT, DEFAULT_RIDGE, DEFAULT_SAMPLES, MODES  # noqa: F401 (re-exported)
+from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, run_layer
+from llama_pruning.options import (  # noqa: F401 (re-exported)
+    DEFAULT_BLOCK_EPOCHS,
+    DEFAULT_BLOCK_LR,
+    DEFAULT_DRIFT,
+    DEFAULT_RIDGE,
+    DEFAULT_SAMPLES,
+    MODES,
+)
 from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
 
@@ -275,8 +283,66 @@ def _reconstruct_layer(
         hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
 
 
+def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
+                 epochs: float, lr: float, step: Callable[[], object] = lambda: None) -> tuple[float, float]:
+    """Block-local distillation: Adam on every weight of the cut `layer` so its outputs on `inputs` approach `targets`.
+
+    One step per micro-batch, in order, for `epochs` passes (cosine-decayed `lr`), in float32 whatever the layer's dtype
+    (it is cast back). The linear re-fit has already placed o_proj / down_proj at their optimum for the current
+    q/k/v and gate/up; these steps move all of them jointly. Returns the mean squared error of the first and last pass.
+    """
+    steps = max(1, round(epochs * len(inputs)))
+    dtype = next(layer.parameters()).dtype
+    params = [p for p in layer.parameters() if p.is_floating_point()]
+    layer.float()
+    kwargs = [recursively_apply(lambda t: t.float() if t.is_floating_point() else t, kw) for kw in kwargs]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    losses = []
+    try:
+        with torch.enable_grad():
+            for k in range(steps):
+                b = k % len(inputs)
+                loss = (run_layer(layer, inputs[b].float(), kwargs[b]) - targets[b].float()).square().mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                step()
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        layer.to(dtype)
+    first = losses[:len(inputs)]
+    last = losses[-len(inputs):]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
+def _refined_layers(plan: PruningPlan) -> list[int]:
+    """Layers `block` mode refines: those the plan cuts, except emptied ones (no weight left to move)."""
+    spec = plan.model_spec()
+    return [i for i, (groups, channels) in enumerate(zip(plan.attn_groups, plan.mlp_channels, strict=True))
+            if (groups or channels) and (len(groups) < spec.num_kv_heads or len(channels) < spec.intermediate_size)]
+
+
+@torch.no_grad()
+def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                   dense_hidden: list[torch.Tensor] | None, drift_weight: float) -> list[torch.Tensor]:
+    """What the cut layer should output per batch: the dense layer's output on the pruned stream, pulled
+    `drift_weight` of the way toward the dense stream (the target `compensate` fits each block to)."""
+    targets = [run_layer(dense_layer, x, kw) for x, kw in zip(inputs, kwargs, strict=True)]
+    if dense_hidden is not None:
+        for z, d in zip(targets, dense_hidden, strict=True):
+            z.add_(d - z, alpha=drift_weight)
+    return targets
+
+
 def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float,
-                input_weight: float) -> None:
+                input_weight: float, block_epochs: float, block_lr: float) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -294,6 +360,8 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
         raise ReconstructionError(f"drift_weight must be in [0, 1], got {drift_weight}")
     if not 0 <= input_weight <= 1:
         raise ReconstructionError(f"input_weight must be in [0, 1], got {input_weight}")
+    if mode == "block" and not (0 < block_epochs < math.inf and 0 < block_lr < math.inf):
+        raise ReconstructionError(f"block_epochs and block_lr must be > 0, got {block_epochs} and {block_lr}")
 
 
 def prune_with_reconstruction(
@@ -308,6 +376,8 @@ def prune_with_reconstruction(
     progress: bool = True,
     drift_weight: float = DEFAULT_DRIFT,
     input_weight: float = 0.0,
+    block_epochs: float = DEFAULT_BLOCK_EPOCHS,
+    block_lr: float = DEFAULT_BLOCK_LR,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -321,9 +391,10 @@ def prune_with_reconstruction(
     weights loaded once and the cut ones written back (llama_pruning.placement).
     Grams are accumulated and solved in `solve_dtype`. `drift_weight` > 0 also runs the dense model alongside
     and fits each block to cancel that fraction of the accumulated gap to the dense residual stream (0: each
-    block only imitates its dense self on its current input).
+    block only imitates its dense self on its current input). `block` = `lsq`, then `refine_layer` on every cut
+    layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target.
     """
-    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight)
+    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr)
     if mode == "none":
         return apply_plan(model, plan)
     check_plan(model, plan)
@@ -338,18 +409,31 @@ def prune_with_reconstruction(
             hidden = send_to_device(inputs, device)
             dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
-            # one tick per batch and block (attention, MLP) of every layer, the ETA averaged over the whole run so far:
-            # it is shown, and steady, from the first batches of the first layer on
-            with tqdm(total=2 * len(layers) * len(hidden), desc=f"reconstruct ({mode})", unit="pass", smoothing=0,
-                      disable=not progress) as bar:
+            refined = _refined_layers(plan) if mode == "block" else []
+            steps = max(1, round(block_epochs * len(hidden)))
+            # one tick per batch and block (attention, MLP) of every layer and per refinement step, the ETA averaged over
+            # the whole run so far: it is shown, and steady, from the first batches of the first layer on
+            with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined), desc=f"reconstruct ({mode})",
+                      unit="pass", smoothing=0, disable=not progress) as bar:
                 for i in range(len(layers)):
                     bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
                     with placement.on_device(layers[i], device, write_back=True) as dev:  # offloaded: loaded, cut, stored
                         hidden[:] = send_to_device(hidden, dev)
                         if dense_hidden is not None:
                             dense_hidden[:] = send_to_device(dense_hidden, dev)
-                        _reconstruct_layer(layers[i], plan, i, hidden, send_to_device(kwargs[i], dev), mode, ridge,
+                        layer_kwargs = send_to_device(kwargs[i], dev)
+                        refine = i in refined
+                        layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
+                        _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
                                            solve_dtype, dense_hidden, drift_weight, bar.update, input_weight)
+                        if refine:
+                            targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight)
+                            del dense_layer
+                            refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
+                                         bar.update)
+                            del targets
+                            hidden[:] = [run_layer(layers[i], x, kw) for x, kw in zip(layer_inputs, layer_kwargs,
+                                                                                     strict=True)]
     finally:
         model.train(was_training)
     return finalize(model, plan)

@@ -93,6 +93,8 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--reconstruct_drift", "2"], "must be in [0, 1]"),
     (["layer_pruning.py", "--reconstruct_ridge", "-0.1"], "must be >= 0"),
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
+    (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
+    (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))
@@ -106,7 +108,8 @@ def test_help_lists_every_flag():
                    "--seq_len", "--gradient_batch_size", "--dataset", "--remove_empty_layers", "--test_before_prune",
                    "--test_after_prune", "--save_model", "--device", "--seed", "--plan", "--save_dtype", "--round_to",
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
-                   "--reconstruct_drift", "--reconstruct_samples", "--finetune", "--distill"],
+                   "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
+                   "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llama_pruning.models.arch import count_params, decoder_layers, model_spec
+from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PruningPlan
 from llama_pruning.reconstruct import (
@@ -19,6 +19,7 @@ from llama_pruning.reconstruct import (
     correct_inputs,
     input_correction,
     prune_with_reconstruction,
+    refine_layer,
 )
 from llama_pruning.surgery import apply_plan
 from tests.tiny import random_plan, tiny_model
@@ -213,7 +214,54 @@ def test_stream_targets_lower_the_final_stream_error_on_held_out_tokens(plain, r
     assert errors[1] < errors[0]
 
 
-@pytest.mark.parametrize("mode", ["bias", "lsq"])
+def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pruned, dense) outputs of every decoder layer on the pruned model's own stream (plans that delete no layer)."""
+    records = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a, kw: records.append((a[0], kw)), with_kwargs=True)
+             for layer in decoder_layers(pruned)]
+    with torch.no_grad():
+        pruned(ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        return [(run_layer(p, x, kw), run_layer(d, x, kw))
+                for (x, kw), d, p in zip(records, decoder_layers(dense), decoder_layers(pruned), strict=True)]
+
+
+def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_layer():
+    """Adam lowers the layer's error on its batches; dtype and requires_grad flags come back as they were."""
+    dense = tiny_model(layers=2)
+    layer, teacher = decoder_layers(dense)
+    layer.self_attn.q_proj.weight.requires_grad_(False)
+    records = []
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: records.append((a[0], kw)), with_kwargs=True)
+    with torch.no_grad():
+        dense(_ids(6, 16, seed=0), use_cache=False)
+        hook.remove()
+        inputs, kwargs = [x for x, _ in records], [kw for _, kw in records]
+        targets = [run_layer(teacher, x, kw) for x, kw in records]
+    before = copy.deepcopy(layer.state_dict())
+    first, last = refine_layer(layer, inputs, targets, kwargs, epochs=20, lr=1e-3)
+    assert last < 0.5 * first
+    assert all(not torch.equal(before[k], v) for k, v in layer.state_dict().items())  # norms included
+    assert {p.dtype for p in layer.parameters()} == {torch.float32}
+    assert not layer.self_attn.q_proj.weight.requires_grad and layer.mlp.up_proj.weight.requires_grad
+
+
+def test_block_lowers_the_layer_error_below_lsq_on_calibration_tokens():
+    """Drift 0: both fit each layer to its dense self on the pruned stream; block's Adam continues from lsq's optimum
+    of o_proj / down_proj and moves q/k/v and gate/up too, so the whole layer's error is lower."""
+    dense = tiny_model(dtype=F64, layers=3)
+    plan = _partial_plan(dense, seed=3)
+    calib = _ids(48, 32, seed=0)
+    errors = {}
+    for mode in ("lsq", "block"):
+        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False, drift_weight=0.0,
+                                           block_lr=1e-3)
+        errors[mode] = [(p - d).pow(2).sum().item() for p, d in _layer_io(dense, pruned, calib)]
+    assert all(b < 0.9 * a for a, b in zip(errors["lsq"], errors["block"], strict=True)), errors
+
+
+@pytest.mark.parametrize("mode", ["bias", "lsq", "block"])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_structure_params_and_reload(tmp_path, mode, model_type):
     """Removed blocks and layers, GQA, q/k/v biases: apply_plan's structure, exact counts, identical reload."""
@@ -246,9 +294,10 @@ def test_none_is_apply_plan():
         assert ka == kb and torch.equal(va, vb)
 
 
-def test_bfloat16_model_keeps_dtype_and_stays_finite():
+@pytest.mark.parametrize("mode", ["lsq", "block"])
+def test_bfloat16_model_keeps_dtype_and_stays_finite(mode):
     dense = tiny_model(dtype=torch.bfloat16)
-    pruned = prune_with_reconstruction(dense, random_plan(dense, seed=7), _ids(4, 16, 0), "lsq", progress=False)
+    pruned = prune_with_reconstruction(dense, random_plan(dense, seed=7), _ids(4, 16, 0), mode, progress=False)
     assert {p.dtype for p in pruned.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(pruned(_ids(1, 8, 1)).logits.float()).all()
@@ -264,6 +313,8 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite():
         ({"batch_size": 0}, "batch_size"),
         ({"drift_weight": 1.5}, "drift_weight must be in"),
         ({"input_weight": -0.5}, "input_weight must be in"),
+        ({"mode": "block", "block_lr": 0.0}, "block_epochs and block_lr must be > 0"),
+        ({"mode": "block", "block_epochs": float("nan")}, "block_epochs and block_lr must be > 0"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):
@@ -321,3 +372,14 @@ def test_progress_counts_every_batch_of_every_block(capsys):
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     layers, batches = 4, 3
     assert f" {2 * layers * batches}/{2 * layers * batches} " in bar and "layer 4/4" in bar and "pass/s" in bar
+
+
+def test_block_progress_adds_every_refinement_step(capsys):
+    """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted."""
+    dense = tiny_model()
+    plan = random_plan(dense, seed=2)  # layer 2 emptied
+    prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    layers, batches, refined = 4, 3, 3
+    total = 2 * layers * batches + round(1.5 * batches) * refined
+    assert f" {total}/{total} " in bar

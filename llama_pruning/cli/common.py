@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_pruning.options import (
+    DEFAULT_BLOCK_EPOCHS,
+    DEFAULT_BLOCK_LR,
     DEFAULT_DRIFT,
     DEFAULT_MODEL,
     DEFAULT_RIDGE,
@@ -66,6 +68,14 @@ def non_negative(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type for a finite float > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -163,6 +173,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="fraction (0-1) of the drift from the dense model's stream each block is also fitted to cancel")
     p.add_argument("--reconstruct_inputs", type=fraction, default=0.0,
                    help="with lsq and drift: also re-fit q/k/v and gate/up toward their dense-stream inputs (0 off, 1 full)")
+    p.add_argument("--reconstruct_epochs", type=positive_float, default=DEFAULT_BLOCK_EPOCHS,
+                   help="with --reconstruct block: Adam passes over the solve's batches per cut layer")
+    p.add_argument("--reconstruct_lr", type=positive_float, default=DEFAULT_BLOCK_LR,
+                   help="with --reconstruct block: peak Adam learning rate of the block-local distillation")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
                         "and --num_samples)")
@@ -387,7 +401,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                 f"drift {args.reconstruct_drift})")
             prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                                       batch_size=args.gradient_batch_size, device=args.device,
-                                      drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs)
+                                      drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
+                                      block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr)
         plan = model.pruning_plan
         if count_params(model) != report["params_after"]:
             raise RuntimeError(f"cut model has {count_params(model):,} parameters, the plan said {report['params_after']:,}")
