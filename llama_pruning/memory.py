@@ -63,7 +63,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
 
     Terms (docs/MEMORY.md): Taylor keeps every layer's input hidden states (model dtype), the gradient
     of one micro-batch's logits, and float32 per-weight sums for one layer; lsq keeps two streams of
-    hidden states (pruned and dense) and, for the MLP being solved, a float64 Gram and its Cholesky factor.
+    hidden states (pruned and dense) and, for the MLP being solved, a float64 Gram and its Cholesky factor;
+    block adds the refined layer's inputs, targets and dense copy, and Adam's float32 state for that layer.
     """
     s = _BYTES[work.dtype]
     h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
@@ -84,11 +85,15 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     else:
         # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)
         peaks["importance"] = weights + max(batch_tokens * v * (s + 4), 2 * tokens * h * s) + acts
-    if work.reconstruct == "lsq":
-        streams = 2 * work.reconstruct_samples * work.seq_len * h * s
+    if work.reconstruct in ("lsq", "block"):
+        stream = work.reconstruct_samples * work.seq_len * h * s
         width = max(i, q)  # the solved block's input width; kept columns counted as all of them (upper bound)
         solve = max(width * width + width * h + width * h, 2 * width * width + width * h) * SOLVE_BYTES
-        peaks["reconstruction"] = weights + streams + 3 * i * h * s + solve + acts
+        fit = 3 * i * h * s + solve + acts
+        if work.reconstruct == "block":  # the layer's inputs and targets, its dense copy, then Adam on it in float32
+            refine = 2 * stream + _layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts  # weights, grads, 2 moments
+            fit = max(fit + 2 * stream + _layer_params(config) * s, refine)
+        peaks["reconstruction"] = weights + 2 * stream + fit
     elif work.reconstruct == "bias":
         peaks["reconstruction"] = weights + 2 * work.reconstruct_samples * work.seq_len * h * s + acts
     return peaks

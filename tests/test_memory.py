@@ -34,6 +34,15 @@ def test_default_command_on_llama3_8b_bf16_projects_under_22_gb():
     assert peaks["importance"] > peaks["load"] and peaks["reconstruction"] > peaks["load"]
 
 
+def test_block_reconstruction_on_llama3_8b_bf16_projects_under_22_gb():
+    """--reconstruct block adds one layer's inputs, targets and dense copy (and Adam's float32 state after the solve)."""
+    config = memory.SHAPES["8b"]
+    lsq, block = (memory.phase_peaks(config, memory.Workload(reconstruct=mode))["reconstruction"] for mode in ("lsq", "block"))
+    stream = 256 * 128 * 4096 * 2
+    assert block >= lsq + 2 * stream + memory._layer_params(config) * 2
+    assert block <= 22e9
+
+
 def test_remedies_pick_the_flags_that_fit():
     config, work = memory.SHAPES["8b"], memory.Workload(dtype="float32")
     assert memory.remedies(config, work, 10**15) == []
