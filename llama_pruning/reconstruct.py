@@ -77,6 +77,14 @@ class InputStats:
         self._last = None
 
 
+def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """matrix^-1 rhs by Cholesky for a damped Gram matrix; ReconstructionError when it is not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(matrix)
+    if info.item() != 0:
+        raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
+    return torch.cholesky_solve(rhs, chol)
+
+
 @torch.no_grad()
 def compensate(
     linear: nn.Linear,
@@ -126,12 +134,8 @@ def compensate(
         g_kk.diagonal().add_(lam)
         del gram
         stats.release()  # the dense Gram is not needed any more: it and the Cholesky factor never coexist
-        chol, info = torch.linalg.cholesky_ex(g_kk)
-        del g_kk
-        if info.item() != 0:
-            raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
-        delta = torch.cholesky_solve(rhs, chol)  # (kept, out)
-        del chol, rhs
+        delta = _spd_solve(g_kk, rhs)  # (kept, out)
+        del g_kk, rhs
         linear.weight.add_((delta.T).to(linear.weight.dtype))
     if has_bias:
         shift = mean[removed] @ w_removed_t
@@ -199,10 +203,7 @@ def input_correction(norm: nn.Module, hidden: list[torch.Tensor], dense_hidden: 
         count += p.shape[0]
     cross -= gram
     gram.diagonal().add_(ridge * gram.diagonal().mean() / count)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if info.item() != 0:
-        raise ReconstructionError("the calibration Gram matrix is singular: use ridge > 0 or more samples")
-    return torch.cholesky_solve(cross, chol)
+    return _spd_solve(gram, cross)
 
 
 @torch.no_grad()
