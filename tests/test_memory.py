@@ -75,6 +75,8 @@ def test_dry_run_reads_the_config_only_and_advises(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(memory, "device_memory", lambda device: in_bf16 // 100)
     assert main(argv) == 2
     assert "use a device with more memory" in capsys.readouterr().out
+    assert main([*argv, "--layer_end", "9"]) == 2  # bad input fails the dry run as it would fail the run
+    assert "layer range" in capsys.readouterr().err and not out.exists()
 
 
 def _held_out_ppl(model, ids: torch.Tensor) -> float:

@@ -332,6 +332,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
     place = Placement.from_args(args)
     args.device = args.device or default_device()
     prepare_gguf(args)
+    replayed = check_inputs(args, check)  # a dry run answers for the real command, so bad input fails it too
     if args.dry_run:
         text, fits = memory_projection(args)
         print(text)
@@ -341,7 +342,6 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
             return 0
         return 0 if fits else 2
     seed_everything(args.seed)
-    replayed = check_inputs(args, check)
     run = RunDir(args.output_root, args.save_ckpt_log_name, overwrite=args.overwrite)
     log = run.log
     args.run_path = run.path
