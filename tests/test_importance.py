@@ -324,6 +324,17 @@ def test_cache_hit_returns_identical_table_without_recomputing(tmp_path, monkeyp
             cached_importance(model, other_samples, "taylor_2nd", tmp_path, other_fields, progress=False, **kwargs)
 
 
+def test_obs_cache_entry_changes_with_its_constants(monkeypatch):
+    """obs's damping and round count shape its table, so an edited constant must not hit an entry made before."""
+    model = tiny_model(layers=2, intermediate=16)
+    samples = torch.zeros(2, 8, dtype=torch.long)
+    path = cache_module.cache_path("c", cache_module.importance_cache_key(model, samples, "obs"))
+    for name, value in (("DAMPING", 0.2), ("OBS_CHUNKS", 64)):
+        with monkeypatch.context() as patch:
+            patch.setattr(cache_module, name, value)
+            assert cache_module.cache_path("c", cache_module.importance_cache_key(model, samples, "obs")) != path
+
+
 @pytest.mark.slow
 def test_smollm2_taylor_and_wanda_tables(smollm2):
     model, _ = smollm2

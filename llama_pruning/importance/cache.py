@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from llama_pruning import atomic
+from llama_pruning.importance.obs import DAMPING
 from llama_pruning.importance.unit import DEFAULT_TAYLOR_2ND_VARIANT, compute_importance
+from llama_pruning.options import OBS_CHUNKS
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, k
         key["variant"] = taylor_2nd_variant
     if method == "random":
         key["random_seed"] = seed
+    if method == "obs":  # its constants change the table, so an edited value must not read an old one
+        key.update(obs_damping=DAMPING, obs_chunks=OBS_CHUNKS)
     return key
 
 
