@@ -20,7 +20,7 @@ MODES = ("none", "bias", "lsq", "block")
 DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
 DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
 DEFAULT_BLOCK_EPOCHS = 2.0  # block: Adam passes over the calibration batches per cut layer
-DEFAULT_BLOCK_LR = 1e-5  # block: peak Adam rate (cosine decay)
+DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 # models.gguf_export: types the gguf package writes, then llama.cpp's own k-quant mixtures (its quantizer)
 GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
