@@ -32,7 +32,7 @@ class Workload:
     batch_size: int = 4
     reconstruct_samples: int = 256
     importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
-    reconstruct: str = "lsq"
+    reconstruct: str = "block"  # the global command's default (one pass of block-local refinement)
 
 
 def _get(config, name: str):
@@ -108,6 +108,7 @@ def obs_block_bytes(width: int, out: int) -> int:
 # flag changes tried in order, each on top of the ones before, until the projection fits
 _REMEDIES = (
     ("--dtype bfloat16", {"dtype": "bfloat16"}),
+    ("--reconstruct lsq", {"reconstruct": "lsq"}),
     ("--reconstruct_samples 64", {"reconstruct_samples": 64}),
     ("--num_samples 32", {"num_samples": 32}),
     ("--gradient_batch_size 1", {"batch_size": 1}),
@@ -120,11 +121,12 @@ def remedies(config, work: Workload, available: int) -> list[str] | None:
     """The fewest flags (in a fixed order of cost to quality) whose projection fits in `available` bytes, or None."""
     flags: list[str] = []
     for flag, change in _REMEDIES:
-        if max(phase_peaks(config, work).values()) <= available:
+        before = phase_peaks(config, work)
+        if max(before.values()) <= available:
             return flags
-        if all(getattr(work, key) == value for key, value in change.items()) or (
-                "dtype" in change and work.dtype != "float32"):
-            continue
+        after = phase_peaks(config, replace(work, **change))
+        if after == before or any(after[phase] > peak for phase, peak in before.items()):
+            continue  # already set, or it would not lower anything (bfloat16 over float16, 64 solve windows over 32)
         work = replace(work, **change)
         flags.append(flag)
     return flags if max(phase_peaks(config, work).values()) <= available else None

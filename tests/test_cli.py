@@ -118,14 +118,17 @@ def test_help_lists_every_flag():
             assert flag in text, (command, flag)
 
 
-def test_importance_defaults_per_command():
-    """obs for global (chosen on the dev split), taylor for layer-wise; --fast takes taylor unless a later flag says."""
+def test_importance_and_reconstruction_defaults_per_command():
+    """obs + block for global (chosen on the dev split), taylor + lsq for layer-wise; --fast takes taylor + lsq unless a
+    later flag says."""
     def parse(*argv: str):
         return build_parser(argv[0]).parse_args(argv[1:])
 
-    assert parse("global").importance_method == "obs" and parse("layer").importance_method == "taylor"
+    default, layer = parse("global"), parse("layer")
+    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 1.0)
+    assert (layer.importance_method, layer.reconstruct) == ("taylor", "lsq")
     fast = parse("global", "--fast")
-    assert (fast.importance_method, fast.num_samples, fast.reconstruct_samples) == ("taylor", 8, 8)
+    assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
     assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"
 
 
@@ -141,7 +144,7 @@ def test_help_shows_defaults_without_importing_torch():
     assert loaded == "[]"
     text = " ".join(text.split())  # argparse wraps lines
     for shown in ("to remove (default: 0.2)", "unit importance metric (default: obs)", "calibration windows (default: 64)",
-                  "tokens per calibration window (default: 128)", "(see docs/RECONSTRUCTION.md) (default: lsq)",
+                  "tokens per calibration window (default: 128)", "(see docs/RECONSTRUCTION.md) (default: block)",
                   "(default: cuda when available, else cpu)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text

@@ -50,6 +50,10 @@ def test_remedies_pick_the_flags_that_fit():
     fixed = memory.Workload(dtype="bfloat16")
     assert max(memory.phase_peaks(config, fixed).values()) <= 22e9
     assert memory.remedies(config, work, 10**9) is None  # the weights alone do not fit
+    # the default's block refinement is the first thing given up in bf16, and no flag raises a setting already lower
+    assert memory.remedies(config, memory.Workload(), int(21.5e9)) == ["--reconstruct lsq"]
+    small = memory.Workload(reconstruct="bias", reconstruct_samples=32, dtype="float16")
+    assert memory.remedies(config, small, 20 * 10**9) == ["--num_samples 32", "--gradient_batch_size 1"]
 
 
 def test_dtype_auto_is_float32_on_cpu():

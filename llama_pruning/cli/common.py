@@ -105,7 +105,7 @@ def max_memory(text: str) -> dict:
 
 
 # --fast: the documented cheaper settings (fewer calibration windows for importance and for the solve)
-FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8, "importance_method": "taylor"}
+FAST_SETTINGS = {"num_samples": 8, "reconstruct_samples": 8, "importance_method": "taylor", "reconstruct": "lsq"}
 
 
 class FastAction(argparse.Action):
@@ -117,7 +117,8 @@ class FastAction(argparse.Action):
             setattr(namespace, name, value)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, default_importance: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, default_importance: str,
+                         default_reconstruct: str = "lsq") -> None:
     """Flags shared by both pruning commands (selection-specific flags are added by each command)."""
     from llama_pruning.recovery import add_arguments as add_recovery_arguments
 
@@ -158,14 +159,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--num_samples", type=positive_int, default=64, help="calibration windows")
     p.add_argument("--seq_len", type=positive_int, default=128, help="tokens per calibration window")
     p.add_argument("--gradient_batch_size", type=positive_int, default=4,
-                   help="micro-batch of the calibration passes (results do not depend on it)")
+                   help="micro-batch of the calibration passes (results do not depend on it, except through "
+                        "--reconstruct block's steps: one per micro-batch)")
     p.add_argument("--importance_cache", default=None,
                    help="importance cache folder (default: <output_root>/.importance_cache; 'none' disables)")
     p = parser.add_argument_group("cutting")
     p.add_argument("--round_to", type=positive_int, default=None,
                    help="keep each MLP width a multiple of N (8/64 help GPUs; default 1, or the GGUF block with --save_gguf: "
                         "32, 256 for k-quants)")
-    p.add_argument("--reconstruct", choices=MODES, default="lsq",
+    p.add_argument("--reconstruct", choices=MODES, default=default_reconstruct,
                    help="retraining-free compensation of the kept weights (see docs/RECONSTRUCTION.md)")
     p.add_argument("--reconstruct_ridge", type=non_negative, default=DEFAULT_RIDGE,
                    help="lsq's pull toward the original weights, in calibration tokens (relative ridge = this / solve tokens)")

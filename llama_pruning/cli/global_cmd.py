@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, default_name="global_pruning", default_importance="obs")  # chosen on dev: RESULTS_NOTES
+    # chosen on dev (docs/RESULTS_NOTES.md); the layer-wise command keeps Taylor + lsq
+    add_common_arguments(parser, default_name="global_pruning", default_importance="obs", default_reconstruct="block")
     p = parser.add_argument_group("global selection")
     p.add_argument("--remove_empty_layers", action="store_true",
                    help="let blocks empty: drop emptied blocks and delete layers with both emptied (depth pruning)")
