@@ -69,7 +69,7 @@ def test_dry_run_reads_the_config_only_and_advises(tmp_path, monkeypatch, capsys
     argv = ["global", "--base_model", str(tmp_path / "m"), "--output_root", str(out), "--device", "cpu", "--dry_run"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "projected peak memory on cpu (float32, 64 x 128 calibration tokens, obs + lsq)" in text
+    assert "projected peak memory on cpu (float32, 64 x 128 calibration tokens, obs + block)" in text
     assert not out.exists()  # nothing loaded, nothing written
     in_bf16 = max(memory.phase_peaks(model.config, memory.Workload(dtype="bfloat16")).values())
     monkeypatch.setattr(memory, "device_memory", lambda device: in_bf16)
