@@ -29,7 +29,7 @@ from llama_pruning.importance import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {"P20": 0.158, "P30": 0.2369}
-POINTS = {**RATIOS, "P50": 0.3948}  # P50 (50 % of decoder-layer parameters): the obs and lsq rows only
+POINTS = {**RATIOS, "P50": 0.3948}  # P50 (50 % of decoder-layer parameters): the reconstructed rows only
 
 
 def configurations() -> list[tuple[str, list[str]]]:
