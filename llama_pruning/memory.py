@@ -120,16 +120,17 @@ _REMEDIES = (
 def remedies(config, work: Workload, available: int) -> list[str] | None:
     """The fewest flags (in a fixed order of cost to quality) whose projection fits in `available` bytes, or None."""
     flags: list[str] = []
+    peaks = phase_peaks(config, work)
     for flag, change in _REMEDIES:
-        before = phase_peaks(config, work)
-        if max(before.values()) <= available:
+        if max(peaks.values()) <= available:
             return flags
-        after = phase_peaks(config, replace(work, **change))
-        if after == before or any(after[phase] > peak for phase, peak in before.items()):
+        candidate = replace(work, **change)
+        after = phase_peaks(config, candidate)
+        if after == peaks or any(after[phase] > peak for phase, peak in peaks.items()):
             continue  # already set, or it would not lower anything (bfloat16 over float16, 64 solve windows over 32)
-        work = replace(work, **change)
+        work, peaks = candidate, after
         flags.append(flag)
-    return flags if max(phase_peaks(config, work).values()) <= available else None
+    return flags if max(peaks.values()) <= available else None
 
 
 def checkpoint_dtype(config) -> str:
