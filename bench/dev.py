@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line]
         (ROOT / "bench" / "results_dev.md").write_text(report(rows))
         return 0
-    from llama_pruning.models import load_model
+    from transformers import AutoTokenizer
 
-    _, tokenizer = load_model("smollm2-135m", device="cpu")
+    from llama_pruning.models.loading import smollm2_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())  # the tokenizer alone, not the model
     if args.action == "split":
         SPLIT.write_text(json.dumps(make_split(tokenizer)) + "\n")
         return 0

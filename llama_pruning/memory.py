@@ -18,7 +18,7 @@ SHAPES = {
 }
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SOLVE_BYTES = 8  # reconstruction Grams and solves are float64
+SOLVE_BYTES = 8  # solves and obs Grams are float64 (reconstruction Grams accumulate in float32, within that bound)
 GRAD_BYTES = 4  # Taylor's per-weight accumulators are float32
 
 
@@ -63,7 +63,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
 
     Terms (docs/MEMORY.md): Taylor keeps every layer's input hidden states (model dtype), the gradient
     of one micro-batch's logits, and float32 per-weight sums for one layer; lsq keeps two streams of
-    hidden states (pruned and dense) and, for the MLP being solved, a float64 Gram and its Cholesky factor;
+    hidden states (pruned and dense) and, for the MLP being solved, a float32 Gram, then its kept block in float64
+    and that block's Cholesky factor (bounded by two float64 Grams);
     block adds the refined layer's inputs, targets and dense copy, and Adam's float32 state for that layer.
     """
     s = _BYTES[work.dtype]

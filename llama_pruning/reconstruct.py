@@ -94,6 +94,7 @@ def compensate(
     mode: str,
     ridge: float,
     drift_weight: float = 0.0,
+    solve_dtype: torch.dtype = torch.float64,
 ) -> None:
     """Re-fit a cut `linear` (weight = dense_weight[:, kept]) in place from its dense input statistics.
 
@@ -105,35 +106,38 @@ def compensate(
       `ridge` is the prior's weight in tokens (n = calibration tokens), so more tokens let the data speak more;
       i.e. W'^T = W_K^T + (G_KK + lam I)^-1 (G_KR W_R^T + a X_K^T D); when the linear has a bias it is fitted
       jointly (unpenalised), which centres G and X^T D (G - n mu mu^T).
-    Solved in the dtype of `stats`; the result is cast back to the linear's dtype. `lsq` releases the
-    matrices of `stats` before factorising, so a layer's Gram and its Cholesky factor are never both held.
+    Solved in `solve_dtype` (the kept blocks of the statistics are cast to it); the result is cast back to the
+    linear's dtype. `lsq` releases the matrices of `stats` before factorising, so the Gram and the factor never coexist.
     """
-    dtype = stats.gram.dtype
     has_bias = linear.bias is not None
     if mode == "bias" and not has_bias:
         return
     removed_mask = torch.ones(dense_weight.shape[1], dtype=torch.bool, device=kept.device)
     removed_mask[kept] = False
     removed = removed_mask.nonzero().squeeze(1)
-    w_removed_t = dense_weight[:, removed].to(dtype).T
-    mean = stats.sum / stats.count
+    w_removed_t = dense_weight[:, removed].to(solve_dtype).T
+    n = stats.count
+    mean = stats.sum.to(solve_dtype) / n
     drift = drift_weight != 0 and stats.cross is not None
     delta = None
     if mode == "lsq":
-        gram = stats.gram - stats.count * torch.outer(mean, mean) if has_bias else stats.gram
-        lam = ridge * stats.gram.diagonal()[kept].mean() / stats.count
-        rhs = gram[kept[:, None], removed] @ w_removed_t
+        # the kept blocks are gathered, then cast (no full-width copy); centred when a bias is fitted jointly
+        rhs = stats.gram[kept[:, None], removed].to(solve_dtype) @ w_removed_t
+        if has_bias:
+            rhs -= n * torch.outer(mean[kept], mean[removed] @ w_removed_t)
         if drift:
-            cross = stats.cross[kept]
+            cross = stats.cross[kept].to(solve_dtype)
             if has_bias:
-                cross = cross - torch.outer(mean[kept], stats.drift_sum)
+                cross -= torch.outer(mean[kept], stats.drift_sum.to(solve_dtype))
             rhs += drift_weight * cross
             del cross
         stats.cross = None
-        g_kk = gram[kept[:, None], kept]  # one gather: no (kept x all) intermediate
+        g_kk = stats.gram[kept[:, None], kept].to(solve_dtype)
+        stats.release()  # the Gram is not needed any more: it and the Cholesky factor never coexist
+        lam = ridge * g_kk.diagonal().mean() / n
+        if has_bias:
+            g_kk -= n * torch.outer(mean[kept], mean[kept])
         g_kk.diagonal().add_(lam)
-        del gram
-        stats.release()  # the dense Gram is not needed any more: it and the Cholesky factor never coexist
         delta = _spd_solve(g_kk, rhs)  # (kept, out)
         del g_kk, rhs
         linear.weight.add_((delta.T).to(linear.weight.dtype))
@@ -142,7 +146,7 @@ def compensate(
         if delta is not None:
             shift -= mean[kept] @ delta
         if drift:
-            shift += drift_weight * stats.drift_sum / stats.count
+            shift += drift_weight * stats.drift_sum.to(solve_dtype) / n
         linear.bias.add_(shift.to(linear.bias.dtype))
 
 
@@ -227,8 +231,10 @@ def _reconstruct_layer(
     drift_weight: float = 0.0,
     step: Callable[[], object] = lambda: None,
     input_weight: float = 0.0,
+    advance: bool = True,
 ) -> None:
-    """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place.
+    """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place
+    (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway).
 
     With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
     is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
@@ -240,6 +246,7 @@ def _reconstruct_layer(
     mlp_cut = 0 < len(plan.mlp_channels[index]) < spec.intermediate_size
     device = hidden[0].device
     width = spec.hidden_size if dense_hidden is not None else None
+    stats_dtype = torch.promote_types(hidden[0].dtype, torch.float32)  # float64 accumulation costs twice the time
 
     correct = input_weight > 0 and dense_hidden is not None
     attn = layer.self_attn
@@ -251,7 +258,7 @@ def _reconstruct_layer(
         del m
 
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
-    o_stats = InputStats(spec.num_heads * spec.head_dim, solve_dtype, device, width) if attn_cut else None
+    o_stats = InputStats(spec.num_heads * spec.head_dim, stats_dtype, device, width) if attn_cut else None
     dense_o = attn.o_proj.weight if attn_cut else None
     _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b]), attn.o_proj, o_stats, hidden,
               dense_hidden, step, lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b]))
@@ -262,7 +269,7 @@ def _reconstruct_layer(
     prune_layer(layer, plan, index)
     if attn_cut:
         compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge,
-                   drift_weight)
+                   drift_weight, solve_dtype)
     for b, x in enumerate(hidden):
         hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b])
 
@@ -274,14 +281,16 @@ def _reconstruct_layer(
         targets = [fit_mlp] if fit_mlp is layer.mlp else [fit_mlp, layer.mlp]
         correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
         del m
-    m_stats = InputStats(spec.intermediate_size, solve_dtype, device, width) if mlp_cut else None
+    m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
     _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x), fit_mlp.down_proj, m_stats, hidden, dense_hidden,
               step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x))
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
-        compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight)
-    for b, x in enumerate(hidden):
-        hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
+        compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,
+                   solve_dtype)
+    if advance:
+        for b, x in enumerate(hidden):
+            hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
 
 
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
@@ -390,9 +399,9 @@ def prune_with_reconstruction(
     `device`: where layers run while processed (each one is moved there and back); default: the model's.
     A model dispatched with a device map runs each layer on its own execution device instead, its offloaded
     weights loaded once and the cut ones written back (llama_pruning.placement).
-    Grams are accumulated and solved in `solve_dtype`. `drift_weight` > 0 also runs the dense model alongside
-    and fits each block to cancel that fraction of the accumulated gap to the dense residual stream (0: each
-    block only imitates its dense self on its current input). `block` = `lsq`, then `refine_layer` on every cut
+    Grams are accumulated in float32 (float64 for a float64 model) and solved in `solve_dtype`. `drift_weight` > 0 also runs the
+    dense model alongside and fits each block to cancel that fraction of the accumulated gap to the dense residual
+    stream (0: each block only imitates its dense self on its current input). `block` = `lsq`, then `refine_layer` on every cut
     layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target.
     """
     _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr)
@@ -426,7 +435,8 @@ def prune_with_reconstruction(
                         refine = i in refined
                         layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
                         _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
-                                           solve_dtype, dense_hidden, drift_weight, bar.update, input_weight)
+                                           solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
+                                           advance=not refine)
                         if refine:
                             targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight)
                             del dense_layer

@@ -76,6 +76,32 @@ def test_lsq_matches_explicit_ridge_solution(with_bias, drift_weight):
         torch.testing.assert_close(linear.bias, solution[-1], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float32_statistics_give_the_float64_solution(with_bias):
+    """A float32 model's Grams are accumulated in float32 and solved in float64: over many tokens with a mean
+    offset (centred when a bias is fitted), the re-fit agrees with float64 accumulation to float32 precision."""
+    g = torch.Generator().manual_seed(5)
+    n, d_in, d_out = 8192, 64, 16
+    x = torch.randn(n, d_in, generator=g, dtype=F64) * torch.rand(d_in, generator=g, dtype=F64) * 3 + 2.0
+    w, b = torch.randn(d_out, d_in, generator=g, dtype=F64), torch.randn(d_out, generator=g, dtype=F64)
+    drift = torch.randn(n, d_out, generator=g, dtype=F64)
+    kept = torch.arange(0, d_in, 3)
+    fits = []
+    for dtype in (F64, torch.float32):
+        stats = InputStats(d_in, dtype, x.device, d_out)
+        for chunk, d in zip(x.split(512), drift.split(512), strict=True):
+            stats(None, (chunk.to(dtype),))
+            stats.add_drift(d.to(dtype))
+        linear = _cut_linear(w, b if with_bias else None, kept)
+        compensate(linear, w, kept, stats, "lsq", 100.0, 0.5)
+        fits.append(linear)
+    update = fits[0].weight - w[:, kept]  # what the solve computed, compared relative to its own size
+    error = (fits[1].weight - fits[0].weight).norm() / update.norm()
+    assert 0 < error < 2e-4  # > 0: the float32 path did accumulate in float32 (centring costs the most digits)
+    if with_bias:
+        assert (fits[1].bias - fits[0].bias).norm() / (fits[0].bias - b).norm() < 2e-4
+
+
 @pytest.mark.parametrize("mode", ["bias", "lsq"])
 def test_compensate_keeping_every_column_is_identity(mode):
     """Nothing removed: the dense weights are already the optimum, so they come back unchanged."""
