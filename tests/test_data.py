@@ -184,6 +184,9 @@ def test_errors_are_one_clear_line(tmp_path, monkeypatch, offline_only, no_packa
     bad.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 has no string field 'text'"):
         load_text(str(bad))
+    bad.write_text('{"text": "ok"}\n\n{"text": oops}\n')  # blank lines are skipped but counted
+    with pytest.raises(DataError, match=r"bad.jsonl:3 is not a JSON object"):
+        load_text(str(bad))
 
 
 def test_packaged_wikitext_is_the_benchmark_data_byte_for_byte():

@@ -286,6 +286,9 @@ def test_instruction_data_trains_on_response_tokens_only(tmp_path):
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(RecoveryError, match="bad.jsonl:2"):
         load_instruction_data(tok, bad, 4, 8)
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", oops\n')
+    with pytest.raises(RecoveryError, match="bad.jsonl:2 is not a JSON object"):
+        load_instruction_data(tok, bad, 4, 8)
     with pytest.raises(RecoveryError, match="no prompt/response pair"):
         load_instruction_data(tok, path, 4, seq_len=6)
 

@@ -24,7 +24,7 @@ import json
 import lzma
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import islice
@@ -179,17 +179,21 @@ def _parse_rows(handle: Iterable[str], path: str | Path, text_field: str, max_ro
     if not str(path).endswith(JSONL_SUFFIXES):
         return list(lines)
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number} is not a JSON object: {err}") from None
+    for number, record in json_lines(lines, path, DataError):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(f"{path}:{number} has no string field {text_field!r}")
         rows.append(record[text_field])
     return rows
+
+
+def json_lines(lines: Iterable[str], path: str | Path, error: type[Exception]) -> Iterator[tuple[int, object]]:
+    """(line number, decoded value) of each non-blank JSON line; `error` names the file and line of one that is not JSON."""
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(f"{path}:{number} is not a JSON object: {err}") from None
 
 
 def packaged_data() -> resources.abc.Traversable:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from llama_pruning.data.sources import json_lines
 from llama_pruning.recovery.config import RecoveryError
 
 IGNORE_INDEX = -100  # label value the losses skip (the Hugging Face convention)
@@ -83,13 +84,7 @@ def load_instruction_data(
     """
     records = []
     with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecoveryError(f"{path}:{number} is not a JSON object: {err}") from None
+        for number, record in json_lines(handle, path, RecoveryError):
             if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
                     and isinstance(record.get("response"), str)):
                 raise RecoveryError(f"{path}:{number} needs string fields 'prompt' and 'response'")
