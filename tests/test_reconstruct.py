@@ -78,8 +78,8 @@ def test_lsq_matches_explicit_ridge_solution(with_bias, drift_weight):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_float32_statistics_give_the_float64_solution(with_bias):
-    """A float32 model's Grams are accumulated in float32 and solved in float64: over many tokens with a mean
-    offset (centred when a bias is fitted), the re-fit agrees with float64 accumulation to float32 precision."""
+    """Statistics accumulated in float32 (what a float32 model's reconstruction uses) and solved in float64 give the
+    re-fit of float64 statistics to float32 precision, over many tokens with a mean offset (centred with a bias)."""
     g = torch.Generator().manual_seed(5)
     n, d_in, d_out = 8192, 64, 16
     x = torch.randn(n, d_in, generator=g, dtype=F64) * torch.rand(d_in, generator=g, dtype=F64) * 3 + 2.0
