@@ -40,6 +40,19 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
     linear.out_features, linear.in_features = weight.shape
 
 
+def pad_linear(linear: nn.Linear, shape: tuple[int, int], rows: torch.Tensor | None = None,
+               cols: torch.Tensor | None = None) -> None:
+    """Undo `slice_linear` with zeros: the weight grows back to `shape`, the kept `rows` / `cols` in place, in place."""
+    weight = linear.weight.data.new_zeros(shape)
+    weight[(rows if rows is not None else slice(None), cols if cols is not None else slice(None))] = linear.weight.data
+    if rows is not None and linear.bias is not None:
+        bias = linear.bias.data.new_zeros(shape[0])
+        bias[rows] = linear.bias.data
+        linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+    linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    linear.out_features, linear.in_features = shape
+
+
 def add_zero_bias(layer: nn.Module) -> None:
     """Give a layer's surviving o_proj and down_proj a zero bias, to be filled by bias compensation."""
     for block, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
@@ -74,6 +87,40 @@ def prune_layer(layer: nn.Module, plan: PruningPlan, index: int) -> None:
         mlp.intermediate_size = len(channels)
     if plan.has_bias(index):
         add_zero_bias(layer)
+
+
+def expand_to_dense(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """Undo `apply_plan`'s shapes with zeros, in place: a cut model dense-shaped again, to be scored and cut again.
+
+    It computes what the cut model computes: a removed unit's zero rows give it zero activations (silu(0) * 0,
+    v = 0) and its zero o_proj / down_proj columns add nothing. Plans that empty a block have nothing to pad.
+    """
+    if getattr(model, "pruning_plan", None) is not plan:
+        raise PlanError("expand_to_dense takes the plan the model was cut to")
+    spec = plan.model_spec()
+    if plan.removed_layers or any(not g for g in plan.attn_groups) or any(not c for c in plan.mlp_channels):
+        raise PlanError("a plan that empties a block or deletes a layer cannot be padded back to the dense shapes")
+    attn_width, hidden = spec.num_heads * spec.head_dim, spec.hidden_size
+    for index, layer in enumerate(decoder_layers(model)):
+        attn, mlp = layer.self_attn, layer.mlp
+        device = attn.q_proj.weight.device
+        if len(plan.attn_groups[index]) < spec.num_kv_heads:
+            groups = sorted(plan.attn_groups[index])
+            q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
+            kv_rows = head_rows(groups, spec.head_dim, device)
+            pad_linear(attn.q_proj, (attn_width, hidden), rows=q_rows)
+            pad_linear(attn.k_proj, (spec.num_kv_heads * spec.head_dim, hidden), rows=kv_rows)
+            pad_linear(attn.v_proj, (spec.num_kv_heads * spec.head_dim, hidden), rows=kv_rows)
+            pad_linear(attn.o_proj, (hidden, attn_width), cols=q_rows)
+        if len(plan.mlp_channels[index]) < spec.intermediate_size:
+            rows = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
+            pad_linear(mlp.gate_proj, (spec.intermediate_size, hidden), rows=rows)
+            pad_linear(mlp.up_proj, (spec.intermediate_size, hidden), rows=rows)
+            pad_linear(mlp.down_proj, (hidden, spec.intermediate_size), cols=rows)
+            mlp.intermediate_size = spec.intermediate_size
+    del model.config.pruned_layout
+    del model.pruning_plan
+    return model
 
 
 def check_plan(model: nn.Module, plan: PruningPlan) -> None:

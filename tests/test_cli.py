@@ -46,6 +46,26 @@ def test_global_end_to_end_and_replay(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+def test_global_iterative_steps(tmp_path, data_dir, capsys):
+    """--iterative_steps 2: cut half the target, re-fit, re-score, then the whole target; the plan says so."""
+    out = tmp_path / "runs"
+    code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "it", "--pruning_ratio", "0.1",
+                 "--importance_method", "taylor", "--reconstruct", "lsq", "--reconstruct_samples", "4",
+                 "--iterative_steps", "2", *FAST])
+    assert code == 0
+    log = next((out / "it").glob("2*/training.log")).read_text()
+    assert log.count("iterative step 1/2: cutting to 1/2 of the target") == 1
+    assert log.count("cutting with lsq reconstruction on 4 x 32 tokens") == 2
+    metrics = json.loads((out / "it" / "metrics.json").read_text())
+    assert abs(1 - metrics["params_after"] / metrics["params_before"] - 0.1) < 0.002
+    plan = json.loads((out / "it" / "pruning_plan.json").read_text())
+    assert plan["metadata"]["iterative_steps"] == 2
+    code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "r", "--plan",
+                 str(out / "it" / "pruning_plan.json"), "--iterative_steps", "2", *FAST])
+    assert code == 2 and "a replayed --plan has them already" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_layer_end_to_end(tmp_path, data_dir):
     out = tmp_path / "runs"
     code = main(["layer", "--output_root", str(out), "--save_ckpt_log_name", "l", "--pruning_ratio", "0.1",
@@ -95,6 +115,8 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
     (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
+    (["global_pruning.py", "--iterative_steps", "2", "--remove_empty_layers"], "drop --remove_empty_layers"),
+    (["global_pruning.py", "--iterative_steps", "0"], "must be a positive integer"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))

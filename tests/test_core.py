@@ -14,7 +14,7 @@ import torch
 from llama_pruning.models.arch import UnsupportedModelError, count_params, model_spec
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PLAN_FILENAME, PlanError, PruningPlan
-from llama_pruning.surgery import apply_plan
+from llama_pruning.surgery import apply_plan, expand_to_dense
 from tests.tiny import random_plan, tiny_model
 
 
@@ -77,6 +77,35 @@ def test_cut_equals_masked(n_rep, kv, family, bias, dtype, atol):
         for layer in pruned.model.layers:  # the Q:KV ratio survives in every layer
             if hasattr(layer.self_attn, "q_proj"):
                 assert layer.self_attn.q_proj.out_features == n_rep * layer.self_attn.k_proj.out_features
+
+
+@pytest.mark.parametrize("n_rep,kv,family,bias", CASES)
+def test_expand_to_dense_computes_what_the_cut_model_does(n_rep, kv, family, bias):
+    """Padding a cut model back to dense shapes (--iterative_steps) changes no output and zeroes exactly the cut units."""
+    model = tiny_model(n_rep=n_rep, kv_heads=kv, model_type=family, bias=bias, dtype=torch.float64)
+    plan = random_plan(model, seed=1, remove_blocks=False)
+    pruned = cut(model, plan)
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        expected = pruned(x).logits
+        padded = expand_to_dense(pruned, plan)
+        got = padded(x).logits
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+    assert {n: p.shape for n, p in padded.named_parameters()} == {n: p.shape for n, p in model.named_parameters()}
+    reference = masked_copy(model, plan).state_dict()
+    assert all(torch.equal(t, reference[name]) for name, t in padded.state_dict().items())
+    again = random_plan(model, seed=2, remove_blocks=False)  # the padded model takes a new plan like a dense one
+    assert count_params(apply_plan(padded, again)) == again.param_report(model)["params_after"]
+
+
+def test_expand_to_dense_refuses_emptied_blocks_and_other_plans():
+    model = tiny_model()
+    plan = random_plan(model, seed=0)  # empties blocks and deletes a layer
+    with pytest.raises(PlanError, match="cannot be padded"):
+        expand_to_dense(cut(model, plan), plan)
+    kept = random_plan(model, seed=1, remove_blocks=False)
+    with pytest.raises(PlanError, match="the plan the model was cut to"):
+        expand_to_dense(cut(model, kept), random_plan(model, seed=2, remove_blocks=False))
 
 
 @pytest.mark.parametrize("tie", [False, True])

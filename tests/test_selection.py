@@ -89,6 +89,27 @@ def test_global_rejects_bad_arguments():
         global_plan(model, table, 0.1, layer_start=3, layer_end=2)
 
 
+def test_global_previous_plan_is_removed_first():
+    """An iterative step removes everything the previous step removed, then the cheapest of the rest, to the target."""
+    model = tiny_model(layers=4, intermediate=48)
+    first, _ = global_plan(model, rigged_table(model, 0), 0.1)
+    table = compute_importance(model, torch.zeros(1, 4, dtype=torch.long), "random", seed=5, progress=False)
+    fresh, _ = global_plan(model, table, 0.2)
+    second, groups = global_plan(model, table, 0.2, previous=first)
+    for i in range(4):
+        assert set(second.attn_groups[i]) <= set(first.attn_groups[i])
+        assert set(second.mlp_channels[i]) <= set(first.mlp_channels[i])
+    assert fresh != second  # without `previous` the new scores alone would keep some of the removed units
+    spec = model_spec(model)
+    assert 0 <= 0.2 * count_params(model) - (count_params(model) - second.param_report(model)["params_after"]) \
+        < spec.mlp_channel_cost() + 1
+    removed_first = sum(spec.num_kv_heads - len(g) + spec.intermediate_size - len(c)
+                        for g, c in zip(first.attn_groups, first.mlp_channels, strict=True))
+    assert np.isneginf(groups.loc[groups["pruned"], "score"]).sum() == removed_first
+    with pytest.raises(SelectionError, match="already removes more"):
+        global_plan(model, table, 0.05, previous=first)
+
+
 def attn_share(model, plan) -> float:
     spec = model_spec(model)
     report = plan.param_report(model)

@@ -221,14 +221,16 @@ def importance_label(args: argparse.Namespace) -> str:
     return f"{args.importance_method} (units), {layer_method} (layers)"
 
 
-def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor) -> pd.DataFrame:
-    """Unit importance for the run's method, from the cache when this (model, data, method) was seen."""
+def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor,
+                     cached: bool = True) -> pd.DataFrame:
+    """Unit importance for the run's method, from the cache when this (model, data, method) was seen
+    (`cached` False: a model the cache key cannot tell from the loaded one, e.g. an iterative step's)."""
     from llama_pruning.importance import cached_importance, compute_importance
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
                   taylor_2nd_variant=args.taylor_2nd_variant)
     cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
-    if cache.lower() == "none":
+    if not cached or cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
     key = {"dataset": args.dataset, "seed": args.seed}
     return cached_importance(model, samples, args.importance_method, cache, key_fields=key, **kwargs)
@@ -275,6 +277,8 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
         if diff:
             raise PlanError(f"{args.plan} was made for another model ({plan.base_model}); "
                             f"mismatched (plan, model): {diff}")
+        if getattr(args, "iterative_steps", 1) > 1:
+            raise PlanError("--iterative_steps chooses the units step by step; a replayed --plan has them already")
     elif check is not None:
         check(args, geometry["num_layers"])
     if plan is None or args.reconstruct != "none":
@@ -322,7 +326,6 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
     from llama_pruning.models.arch import count_params, model_spec
     from llama_pruning.models.loading import default_device, load_model
     from llama_pruning.placement import Placement, device_map_summary
-    from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.recovery import recover
     from llama_pruning.reporting import RunDir
 
@@ -378,9 +381,20 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         else:
             log(f"importance: {importance_label(args)} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
             table = importance_table(model, args, samples)
-            plan, groups, layer_scores = select(model, args, samples, table)
+            steps = getattr(args, "iterative_steps", 1)
+            if steps == 1:
+                plan, groups, layer_scores = select(model, args, samples, table)
+            else:
+                from llama_pruning.iterative import iterative_plan
+
+                plan, groups, layer_scores = iterative_plan(
+                    model, steps, lambda k: table if k == 1 else importance_table(model, args, samples, cached=False),
+                    lambda t, fraction, previous: select(model, args, samples, t, fraction, previous),
+                    lambda partial: cut(model, partial, args, tokenizer, samples, log), log=log)
         plan.metadata.update({"command": title, "importance_method": args.importance_method,
                               "pruning_ratio": args.pruning_ratio, "reconstruct": args.reconstruct})
+        if getattr(args, "iterative_steps", 1) > 1:
+            plan.metadata["iterative_steps"] = args.iterative_steps
         if args.reconstruct == "bias" and not plan.bias_compensation:
             plan.bias_compensation = [True] * plan.num_layers
         report = plan.param_report(model)
@@ -390,21 +404,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         selected = time.perf_counter()
         teacher = (lambda: load_model(args.base_model, dtype=args.dtype, device=args.device,
                                       trust_remote_code=args.trust_remote_code)[0]) if args.distill else None
-        if args.reconstruct == "none":
-            from llama_pruning.surgery import apply_plan
-
-            apply_plan(model, plan)
-        else:
-            count = args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples)
-            if samples is None or count != len(samples):
-                samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
-            log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
-                f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
-                f"drift {args.reconstruct_drift})")
-            prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
-                                      batch_size=args.gradient_batch_size, device=args.device,
-                                      drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
-                                      block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr)
+        cut(model, plan, args, tokenizer, samples, log)
         plan = model.pruning_plan
         if count_params(model) != report["params_after"]:
             raise RuntimeError(f"cut model has {count_params(model):,} parameters, the plan said {report['params_after']:,}")
@@ -429,6 +429,28 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         raise
     finally:
         run.close()
+
+
+def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer, samples: torch.Tensor | None,
+        log: Callable[[str], object]) -> None:
+    """Cut `model` to `plan` in place with the run's reconstruction, on its own calibration draw when it needs more windows."""
+    from llama_pruning.data import get_calibration_samples
+    from llama_pruning.reconstruct import prune_with_reconstruction
+    from llama_pruning.surgery import apply_plan
+
+    if args.reconstruct == "none":
+        apply_plan(model, plan)
+        return
+    count = args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples)
+    if samples is None or count != len(samples):
+        samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
+    log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
+        f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
+        f"drift {args.reconstruct_drift})")
+    prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
+                              batch_size=args.gradient_batch_size, device=args.device,
+                              drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
+                              block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr)
 
 
 def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,

@@ -74,12 +74,14 @@ def global_plan(
     layer_end: int | None = None,
     normalization: str = "none",
     round_to: int = 1,
+    previous: PruningPlan | None = None,
 ) -> tuple[PruningPlan, pd.DataFrame]:
     """Select units globally until `pruning_ratio` of the model's total parameters are removed.
 
     Returns the plan and the group table (with `cost`, `score`, `pruned`). Without
     `remove_empty_layers` every block keeps its best unit; with it blocks may empty and layers whose
-    two blocks empty are deleted. `round_to` keeps each MLP width a multiple of N.
+    two blocks empty are deleted. `round_to` keeps each MLP width a multiple of N. Units a `previous`
+    plan removed (an iterative schedule's earlier steps) score -inf, so they are removed first.
     """
     spec = model_spec(model)
     if not 0 <= pruning_ratio < 1:
@@ -90,6 +92,11 @@ def global_plan(
     groups = group_table(table, spec, normalization)
     total = count_params(model)
     budget = int(round(pruning_ratio * total))
+    if previous is not None:
+        forced = removed_by(previous, groups)
+        if groups.loc[forced, "cost"].sum() > budget:
+            raise SelectionError("the previous plan already removes more than --pruning_ratio allows")
+        groups.loc[forced, "score"] = -np.inf
 
     in_range = groups["layer_idx"].between(layer_start, layer_end - 1)
     candidates = groups[in_range]
@@ -118,6 +125,13 @@ def global_plan(
         round_mlp(groups, round_to, keep_one=not remove_empty_layers)
 
     return plan_from_table(spec, str(model.config.name_or_path), groups), groups
+
+
+def removed_by(plan: PruningPlan, groups: pd.DataFrame) -> np.ndarray:
+    """Which rows of a unit table name units the plan does not keep."""
+    kept = {"attn": [set(g) for g in plan.attn_groups], "mlp": [set(c) for c in plan.mlp_channels]}
+    rows = zip(groups["group_type"], groups["layer_idx"], groups["group_idx"], strict=True)
+    return np.array([int(unit) not in kept[kind][int(layer)] for kind, layer, unit in rows], dtype=bool)
 
 
 def plan_from_table(spec: ModelSpec, base_model: str, groups: pd.DataFrame) -> PruningPlan:
