@@ -32,7 +32,7 @@ class Workload:
     batch_size: int = 4
     reconstruct_samples: int = 256
     importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
-    reconstruct: str = "block"  # the global command's default (one pass of block-local refinement)
+    reconstruct: str = "block"  # the global command's default (block-local refinement after lsq)
 
 
 def _get(config, name: str):

@@ -103,6 +103,16 @@ def run_device(model: nn.Module, device: str | torch.device | None = None) -> to
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX or AVX512-BF16), so autocast saves time."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities()
+        return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+    return False
+
+
 def prepare(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
     """Move a plain model to `device` (when given) and return `run_device`; a dispatched model is never moved."""
     target = run_device(model, device)

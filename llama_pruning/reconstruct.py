@@ -294,12 +294,14 @@ def _reconstruct_layer(
 
 
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
-                 epochs: float, lr: float, step: Callable[[], object] = lambda: None) -> tuple[float, float]:
+                 epochs: float, lr: float, step: Callable[[], object] = lambda: None,
+                 autocast: bool = False) -> tuple[float, float]:
     """Block-local distillation: Adam on every weight of the cut `layer` so its outputs on `inputs` approach `targets`.
 
     One step per micro-batch, in order, for `epochs` passes (cosine-decayed `lr`), in float32 whatever the layer's dtype
-    (it is cast back). The linear re-fit has already placed o_proj / down_proj at their optimum for the current
-    q/k/v and gate/up; these steps move all of them jointly. Returns the mean squared error of the first and last pass.
+    (it is cast back); `autocast`: the layer's matmuls in bfloat16 (weights, loss and Adam stay float32). The linear
+    re-fit has already placed o_proj / down_proj at their optimum for the current q/k/v and gate/up; these steps move
+    all of them jointly. Returns the mean squared error of the first and last pass.
     """
     steps = max(1, round(epochs * len(inputs)))
     dtype = next(layer.parameters()).dtype
@@ -316,7 +318,9 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
         with torch.enable_grad():
             for k in range(steps):
                 b = k % len(inputs)
-                loss = (run_layer(layer, inputs[b].float(), kwargs[b]) - targets[b].float()).square().mean()
+                with torch.autocast(inputs[b].device.type, dtype=torch.bfloat16, enabled=autocast):
+                    out = run_layer(layer, inputs[b].float(), kwargs[b])
+                loss = (out.float() - targets[b].float()).square().mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -388,6 +392,7 @@ def prune_with_reconstruction(
     input_weight: float = 0.0,
     block_epochs: float = DEFAULT_BLOCK_EPOCHS,
     block_lr: float = DEFAULT_BLOCK_LR,
+    block_autocast: bool | None = None,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -402,7 +407,8 @@ def prune_with_reconstruction(
     Grams are accumulated in float32 (float64 for a float64 model) and solved in `solve_dtype`. `drift_weight` > 0 also runs the
     dense model alongside and fits each block to cancel that fraction of the accumulated gap to the dense residual
     stream (0: each block only imitates its dense self on its current input). `block` = `lsq`, then `refine_layer` on every cut
-    layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target.
+    layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target, its
+    matmuls in bfloat16 autocast when `block_autocast` (None: where the device multiplies bfloat16 natively).
     """
     _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr)
     if mode == "none":
@@ -411,6 +417,8 @@ def prune_with_reconstruction(
     if mode == "bias" and not plan.bias_compensation:
         plan = dataclasses.replace(plan, bias_compensation=[True] * plan.num_layers)
     device = placement.run_device(model, device)
+    if block_autocast is None:
+        block_autocast = placement.fast_bfloat16(device)
     was_training = model.training
     model.eval()  # no dropout in the passes whose statistics are fitted
     try:
@@ -441,7 +449,7 @@ def prune_with_reconstruction(
                             targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight)
                             del dense_layer
                             refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
-                                         bar.update)
+                                         bar.update, block_autocast)
                             del targets
                             hidden[:] = [run_layer(layers[i], x, kw) for x, kw in zip(layer_inputs, layer_kwargs,
                                                                                      strict=True)]

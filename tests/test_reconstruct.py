@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from llama_pruning import placement
 from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PruningPlan
@@ -253,8 +254,9 @@ def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tu
                 for (x, kw), d, p in zip(records, decoder_layers(dense), decoder_layers(pruned), strict=True)]
 
 
-def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_layer():
-    """Adam lowers the layer's error on its batches; dtype and requires_grad flags come back as they were."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_layer(autocast):
+    """Adam lowers the layer's error on its batches (bfloat16 matmuls too); dtype and requires_grad flags come back."""
     dense = tiny_model(layers=2)
     layer, teacher = decoder_layers(dense)
     layer.self_attn.q_proj.weight.requires_grad_(False)
@@ -266,7 +268,7 @@ def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_lay
         inputs, kwargs = [x for x, _ in records], [kw for _, kw in records]
         targets = [run_layer(teacher, x, kw) for x, kw in records]
     before = copy.deepcopy(layer.state_dict())
-    first, last = refine_layer(layer, inputs, targets, kwargs, epochs=20, lr=1e-3)
+    first, last = refine_layer(layer, inputs, targets, kwargs, epochs=20, lr=1e-3, autocast=autocast)
     assert last < 0.5 * first
     assert all(not torch.equal(before[k], v) for k, v in layer.state_dict().items())  # norms included
     assert {p.dtype for p in layer.parameters()} == {torch.float32}
@@ -285,6 +287,18 @@ def test_block_lowers_the_layer_error_below_lsq_on_calibration_tokens():
                                            block_lr=1e-3)
         errors[mode] = [(p - d).pow(2).sum().item() for p, d in _layer_io(dense, pruned, calib)]
     assert all(b < 0.9 * a for a, b in zip(errors["lsq"], errors["block"], strict=True)), errors
+
+
+def test_block_autocast_auto_follows_the_device():
+    """None picks bfloat16 autocast exactly where the device multiplies bfloat16 natively; the two settings differ."""
+    dense = tiny_model(layers=2)
+    plan = _partial_plan(dense, seed=1)
+    calib = _ids(8, 16, seed=2)
+    runs = {flag: prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "block", progress=False,
+                                            block_autocast=flag).state_dict() for flag in (None, False, True)}
+    native = placement.fast_bfloat16(torch.device("cpu"))
+    assert all(torch.equal(v, runs[native][k]) for k, v in runs[None].items())
+    assert not all(torch.equal(v, runs[not native][k]) for k, v in runs[None].items())
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq", "block"])

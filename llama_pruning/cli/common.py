@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llama_pruning.options import (
+    BLOCK_AUTOCAST,
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
     DEFAULT_DRIFT,
@@ -179,6 +180,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="with --reconstruct block: Adam passes over the solve's batches per cut layer")
     p.add_argument("--reconstruct_lr", type=positive_float, default=DEFAULT_BLOCK_LR,
                    help="with --reconstruct block: peak Adam learning rate of the block-local distillation")
+    p.add_argument("--reconstruct_autocast", choices=BLOCK_AUTOCAST, default="auto",
+                   help="with --reconstruct block: run the Adam steps' matmuls in bfloat16 (float32 weights and loss); "
+                        "auto: where the device multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX/AVX512-BF16)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
                         "and --num_samples)")
@@ -450,7 +454,8 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
-                              block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr)
+                              block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
+                              block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast])
 
 
 def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,
