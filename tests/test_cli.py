@@ -147,7 +147,8 @@ def test_importance_and_reconstruction_defaults_per_command():
         return build_parser(argv[0]).parse_args(argv[1:])
 
     default, layer = parse("global"), parse("layer")
-    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 1.0)
+    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 2.0)
+    assert default.reconstruct_autocast == "auto"
     assert (layer.importance_method, layer.reconstruct) == ("taylor", "lsq")
     fast = parse("global", "--fast")
     assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
