@@ -30,13 +30,10 @@ def iterative_plan(model: nn.Module, steps: int, score: Callable[[int], pd.DataF
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     previous = None
-    for k in range(1, steps + 1):
-        chosen = select(score(k), k / steps, previous)
-        if k == steps:
-            return chosen
-        plan = chosen[0]
+    for k in range(1, steps):
+        plan = select(score(k), k / steps, previous)[0]
         log(f"iterative step {k}/{steps}: cutting to {k}/{steps} of the target, then re-scoring the rest")
         cut(plan)
         expand_to_dense(model, plan)
         previous = plan
-    raise AssertionError("unreachable: the last step returns")
+    return select(score(steps), 1.0, previous)

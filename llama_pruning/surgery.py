@@ -40,17 +40,17 @@ def slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torc
     linear.out_features, linear.in_features = weight.shape
 
 
-def pad_linear(linear: nn.Linear, shape: tuple[int, int], rows: torch.Tensor | None = None,
-               cols: torch.Tensor | None = None) -> None:
-    """Undo `slice_linear` with zeros: the weight grows back to `shape`, the kept `rows` / `cols` in place, in place."""
-    weight = linear.weight.data.new_zeros(shape)
+def pad_linear(linear: nn.Linear, size: int, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+    """Undo `slice_linear` with zeros, in place: the sliced axis grows back to `size`, the kept `rows` / `cols` in place."""
+    out_features, in_features = (size, linear.in_features) if rows is not None else (linear.out_features, size)
+    weight = linear.weight.data.new_zeros(out_features, in_features)
     weight[(rows if rows is not None else slice(None), cols if cols is not None else slice(None))] = linear.weight.data
     if rows is not None and linear.bias is not None:
-        bias = linear.bias.data.new_zeros(shape[0])
+        bias = linear.bias.data.new_zeros(size)
         bias[rows] = linear.bias.data
         linear.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
     linear.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
-    linear.out_features, linear.in_features = shape
+    linear.out_features, linear.in_features = out_features, in_features
 
 
 def add_zero_bias(layer: nn.Module) -> None:
@@ -62,29 +62,38 @@ def add_zero_bias(layer: nn.Module) -> None:
             linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
 
 
-def prune_layer(layer: nn.Module, plan: PruningPlan, index: int) -> None:
-    """Cut one decoder layer (dense index `index`) to the plan, in place; empty blocks leave the computation."""
+def _partial_cuts(layer: nn.Module, plan: PruningPlan, index: int) -> list[tuple[nn.Linear, str, torch.Tensor, int]]:
+    """(projection, sliced axis `rows`/`cols`, kept indices, dense size of that axis) for every projection of a
+    partly cut block of dense layer `index` (whole and emptied blocks have none)."""
     spec = plan.model_spec()
     groups, channels = sorted(plan.attn_groups[index]), sorted(plan.mlp_channels[index])
     attn, mlp = layer.self_attn, layer.mlp
-    if not groups:
-        remove_attention(layer)
-    elif len(groups) < spec.num_kv_heads:
+    cuts = []
+    if 0 < len(groups) < spec.num_kv_heads:
         device = attn.q_proj.weight.device
         q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
         kv_rows = head_rows(groups, spec.head_dim, device)
-        slice_linear(attn.q_proj, rows=q_rows)
-        slice_linear(attn.k_proj, rows=kv_rows)
-        slice_linear(attn.v_proj, rows=kv_rows)
-        slice_linear(attn.o_proj, cols=q_rows)
-    if not channels:
-        remove_mlp(layer)
-    elif len(channels) < spec.intermediate_size:
+        q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        cuts += [(attn.q_proj, "rows", q_rows, q_width), (attn.k_proj, "rows", kv_rows, kv_width),
+                 (attn.v_proj, "rows", kv_rows, kv_width), (attn.o_proj, "cols", q_rows, q_width)]
+    if 0 < len(channels) < spec.intermediate_size:
         rows = torch.tensor(channels, dtype=torch.long, device=mlp.gate_proj.weight.device)
-        slice_linear(mlp.gate_proj, rows=rows)
-        slice_linear(mlp.up_proj, rows=rows)
-        slice_linear(mlp.down_proj, cols=rows)
-        mlp.intermediate_size = len(channels)
+        width = spec.intermediate_size
+        cuts += [(mlp.gate_proj, "rows", rows, width), (mlp.up_proj, "rows", rows, width),
+                 (mlp.down_proj, "cols", rows, width)]
+    return cuts
+
+
+def prune_layer(layer: nn.Module, plan: PruningPlan, index: int) -> None:
+    """Cut one decoder layer (dense index `index`) to the plan, in place; empty blocks leave the computation."""
+    for linear, axis, kept, _ in _partial_cuts(layer, plan, index):
+        slice_linear(linear, **{axis: kept})
+        if linear is layer.mlp.down_proj:
+            layer.mlp.intermediate_size = len(kept)
+    if not plan.attn_groups[index]:
+        remove_attention(layer)
+    if not plan.mlp_channels[index]:
+        remove_mlp(layer)
     if plan.has_bias(index):
         add_zero_bias(layer)
 
@@ -97,27 +106,13 @@ def expand_to_dense(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """
     if getattr(model, "pruning_plan", None) is not plan:
         raise PlanError("expand_to_dense takes the plan the model was cut to")
-    spec = plan.model_spec()
     if plan.removed_layers or any(not g for g in plan.attn_groups) or any(not c for c in plan.mlp_channels):
         raise PlanError("a plan that empties a block or deletes a layer cannot be padded back to the dense shapes")
-    attn_width, hidden = spec.num_heads * spec.head_dim, spec.hidden_size
     for index, layer in enumerate(decoder_layers(model)):
-        attn, mlp = layer.self_attn, layer.mlp
-        device = attn.q_proj.weight.device
-        if len(plan.attn_groups[index]) < spec.num_kv_heads:
-            groups = sorted(plan.attn_groups[index])
-            q_rows = head_rows(group_query_heads(groups, spec.n_rep), spec.head_dim, device)
-            kv_rows = head_rows(groups, spec.head_dim, device)
-            pad_linear(attn.q_proj, (attn_width, hidden), rows=q_rows)
-            pad_linear(attn.k_proj, (spec.num_kv_heads * spec.head_dim, hidden), rows=kv_rows)
-            pad_linear(attn.v_proj, (spec.num_kv_heads * spec.head_dim, hidden), rows=kv_rows)
-            pad_linear(attn.o_proj, (hidden, attn_width), cols=q_rows)
-        if len(plan.mlp_channels[index]) < spec.intermediate_size:
-            rows = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
-            pad_linear(mlp.gate_proj, (spec.intermediate_size, hidden), rows=rows)
-            pad_linear(mlp.up_proj, (spec.intermediate_size, hidden), rows=rows)
-            pad_linear(mlp.down_proj, (hidden, spec.intermediate_size), cols=rows)
-            mlp.intermediate_size = spec.intermediate_size
+        for linear, axis, kept, size in _partial_cuts(layer, plan, index):
+            pad_linear(linear, size, **{axis: kept})
+            if linear is layer.mlp.down_proj:
+                layer.mlp.intermediate_size = size
     del model.config.pruned_layout
     del model.pruning_plan
     return model

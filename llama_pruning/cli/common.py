@@ -375,6 +375,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         samples = (get_calibration_samples(tokenizer, args.dataset, args.num_samples, args.seq_len, args.seed)
                    if args.plan is None else None)
         groups = layer_scores = None
+        steps = getattr(args, "iterative_steps", 1)  # global command only
         if replayed is not None:
             plan = replayed
             log(f"replaying plan {args.plan} (made for {plan.base_model})")
@@ -385,7 +386,6 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         else:
             log(f"importance: {importance_label(args)} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
             table = importance_table(model, args, samples)
-            steps = getattr(args, "iterative_steps", 1)
             if steps == 1:
                 plan, groups, layer_scores = select(model, args, samples, table)
             else:
@@ -397,8 +397,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                     lambda partial: cut(model, partial, args, tokenizer, samples, log), log=log)
         plan.metadata.update({"command": title, "importance_method": args.importance_method,
                               "pruning_ratio": args.pruning_ratio, "reconstruct": args.reconstruct})
-        if getattr(args, "iterative_steps", 1) > 1:
-            plan.metadata["iterative_steps"] = args.iterative_steps
+        if steps > 1:
+            plan.metadata["iterative_steps"] = steps
         if args.reconstruct == "bias" and not plan.bias_compensation:
             plan.bias_compensation = [True] * plan.num_layers
         report = plan.param_report(model)
