@@ -13,6 +13,7 @@ layers before it, so later layers correct for what the earlier ones could not.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -157,15 +158,26 @@ def _attention_columns(plan: PruningPlan, index: int, device: torch.device) -> t
     return head_rows(heads, spec.head_dim, device)
 
 
-def _run_attention(attn: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def _bf16(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast around one forward when `enabled`, its weight cache off: autocast otherwise keeps the casts of
+    weights that require grad until its outermost region exits, and a caller's region would feed Adam stale weights."""
+    return (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False) if enabled
+            else contextlib.nullcontext())
+
+
+def _run_attention(attn: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                   autocast: bool = False) -> torch.Tensor:
     """Residual stream after the attention block, as the decoder layer's own forward computes it."""
-    out, _ = attn(hidden_states=norm(hidden), **kwargs)
+    with _bf16(autocast, hidden.device):
+        out, _ = attn(hidden_states=norm(hidden), **kwargs)
     return hidden + out
 
 
-def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor, autocast: bool = False) -> torch.Tensor:
     """Residual stream after an MLP block."""
-    return hidden + mlp(norm(hidden))
+    with _bf16(autocast, hidden.device):
+        out = mlp(norm(hidden))
+    return hidden + out
 
 
 def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
@@ -232,6 +244,7 @@ def _reconstruct_layer(
     step: Callable[[], object] = lambda: None,
     input_weight: float = 0.0,
     advance: bool = True,
+    autocast: bool = False,
 ) -> None:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place
     (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway).
@@ -239,7 +252,8 @@ def _reconstruct_layer(
     With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
     is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
     `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
-    (`input_correction`); the dense stream keeps the original weights.
+    (`input_correction`); the dense stream keeps the original weights. `autocast`: the layer forwards in bfloat16
+    autocast (the statistics still accumulate in float32).
     """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
@@ -260,8 +274,9 @@ def _reconstruct_layer(
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
     o_stats = InputStats(spec.num_heads * spec.head_dim, stats_dtype, device, width) if attn_cut else None
     dense_o = attn.o_proj.weight if attn_cut else None
-    _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b]), attn.o_proj, o_stats, hidden,
-              dense_hidden, step, lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b]))
+    _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b], autocast), attn.o_proj, o_stats,
+              hidden, dense_hidden, step,
+              lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b], autocast))
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     correct_mlp = correct and bool(plan.mlp_channels[index])
     dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut or correct_mlp else layer.mlp
@@ -271,7 +286,7 @@ def _reconstruct_layer(
         compensate(layer.self_attn.o_proj, dense_o, _attention_columns(plan, index, device), o_stats, mode, ridge,
                    drift_weight, solve_dtype)
     for b, x in enumerate(hidden):
-        hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b])
+        hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b], autocast)
 
     # the uncut MLP's down_proj input, on the residual stream after the *pruned* attention
     fit_mlp = dense_mlp
@@ -282,15 +297,15 @@ def _reconstruct_layer(
         correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
         del m
     m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
-    _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x), fit_mlp.down_proj, m_stats, hidden, dense_hidden,
-              step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x))
+    _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x, autocast), fit_mlp.down_proj, m_stats, hidden,
+              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast))
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,
                    solve_dtype)
     if advance:
         for b, x in enumerate(hidden):
-            hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x)
+            hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x, autocast)
 
 
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
@@ -318,7 +333,7 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
         with torch.enable_grad():
             for k in range(steps):
                 b = k % len(inputs)
-                with torch.autocast(inputs[b].device.type, dtype=torch.bfloat16, enabled=autocast):
+                with _bf16(autocast, inputs[b].device):
                     out = run_layer(layer, inputs[b].float(), kwargs[b])
                 loss = (out.float() - targets[b].float()).square().mean()
                 optimizer.zero_grad(set_to_none=True)
@@ -343,12 +358,20 @@ def _refined_layers(plan: PruningPlan) -> list[int]:
             if (groups or channels) and (len(groups) < spec.num_kv_heads or len(channels) < spec.intermediate_size)]
 
 
+def _layer_outputs(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
+                   autocast: bool = False) -> list[torch.Tensor]:
+    """A decoder layer's output per batch, its matmuls in bfloat16 autocast when `autocast`."""
+    with _bf16(autocast, inputs[0].device):
+        return [run_layer(layer, x, kw) for x, kw in zip(inputs, kwargs, strict=True)]
+
+
 @torch.no_grad()
 def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
-                   dense_hidden: list[torch.Tensor] | None, drift_weight: float) -> list[torch.Tensor]:
+                   dense_hidden: list[torch.Tensor] | None, drift_weight: float,
+                   autocast: bool = False) -> list[torch.Tensor]:
     """What the cut layer should output per batch: the dense layer's output on the pruned stream, pulled
     `drift_weight` of the way toward the dense stream (the target `compensate` fits each block to)."""
-    targets = [run_layer(dense_layer, x, kw) for x, kw in zip(inputs, kwargs, strict=True)]
+    targets = _layer_outputs(dense_layer, inputs, kwargs, autocast)
     if dense_hidden is not None:
         for z, d in zip(targets, dense_hidden, strict=True):
             z.add_(d - z, alpha=drift_weight)
@@ -407,8 +430,9 @@ def prune_with_reconstruction(
     Grams are accumulated in float32 (float64 for a float64 model) and solved in `solve_dtype`. `drift_weight` > 0 also runs the
     dense model alongside and fits each block to cancel that fraction of the accumulated gap to the dense residual
     stream (0: each block only imitates its dense self on its current input). `block` = `lsq`, then `refine_layer` on every cut
-    layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target, its
-    matmuls in bfloat16 autocast when `block_autocast` (None: where the device multiplies bfloat16 natively).
+    layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target, the
+    matmuls of its steps and of its forward passes in bfloat16 autocast when `block_autocast` (None: where the device
+    multiplies bfloat16 natively; its statistics and solves stay float32/`solve_dtype`, `lsq` and `bias` never round).
     """
     _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr)
     if mode == "none":
@@ -419,6 +443,8 @@ def prune_with_reconstruction(
     device = placement.run_device(model, device)
     if block_autocast is None:
         block_autocast = placement.fast_bfloat16(device)
+    # block mode's linear fit is only the start of its Adam steps: its forward passes may round to bfloat16 as well
+    passes_bf16 = mode == "block" and block_autocast
     was_training = model.training
     model.eval()  # no dropout in the passes whose statistics are fitted
     try:
@@ -444,15 +470,15 @@ def prune_with_reconstruction(
                         layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
                         _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
                                            solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
-                                           advance=not refine)
+                                           advance=not refine, autocast=passes_bf16)
                         if refine:
-                            targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight)
+                            targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight,
+                                                     passes_bf16)
                             del dense_layer
                             refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
                                          bar.update, block_autocast)
                             del targets
-                            hidden[:] = [run_layer(layers[i], x, kw) for x, kw in zip(layer_inputs, layer_kwargs,
-                                                                                     strict=True)]
+                            hidden[:] = _layer_outputs(layers[i], layer_inputs, layer_kwargs, passes_bf16)
     finally:
         model.train(was_training)
     return finalize(model, plan)

@@ -254,9 +254,10 @@ def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tu
                 for (x, kw), d, p in zip(records, decoder_layers(dense), decoder_layers(pruned), strict=True)]
 
 
-@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("autocast", [False, True, "inside a caller's autocast region"])
 def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_layer(autocast):
-    """Adam lowers the layer's error on its batches (bfloat16 matmuls too); dtype and requires_grad flags come back."""
+    """Adam lowers the layer's error on its batches (bfloat16 matmuls too, also inside a caller's autocast region,
+    whose weight cache would serve the pre-step weights); dtype and requires_grad flags come back."""
     dense = tiny_model(layers=2)
     layer, teacher = decoder_layers(dense)
     layer.self_attn.q_proj.weight.requires_grad_(False)
@@ -268,23 +269,27 @@ def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_lay
         inputs, kwargs = [x for x, _ in records], [kw for _, kw in records]
         targets = [run_layer(teacher, x, kw) for x, kw in records]
     before = copy.deepcopy(layer.state_dict())
-    first, last = refine_layer(layer, inputs, targets, kwargs, epochs=20, lr=1e-3, autocast=autocast)
+    outer = torch.autocast("cpu", dtype=torch.bfloat16, enabled=isinstance(autocast, str))
+    with outer:
+        first, last = refine_layer(layer, inputs, targets, kwargs, epochs=20, lr=1e-3, autocast=bool(autocast))
     assert last < 0.5 * first
     assert all(not torch.equal(before[k], v) for k, v in layer.state_dict().items())  # norms included
     assert {p.dtype for p in layer.parameters()} == {torch.float32}
     assert not layer.self_attn.q_proj.weight.requires_grad and layer.mlp.up_proj.weight.requires_grad
 
 
-def test_block_lowers_the_layer_error_below_lsq_on_calibration_tokens():
+@pytest.mark.parametrize("dtype, autocast", [(F64, False), (torch.float32, True)])
+def test_block_lowers_the_layer_error_below_lsq_on_calibration_tokens(dtype, autocast):
     """Drift 0: both fit each layer to its dense self on the pruned stream; block's Adam continues from lsq's optimum
-    of o_proj / down_proj and moves q/k/v and gate/up too, so the whole layer's error is lower."""
-    dense = tiny_model(dtype=F64, layers=3)
+    of o_proj / down_proj and moves q/k/v and gate/up too, so the whole layer's error is lower. With autocast its
+    passes and steps run in bfloat16 and the error (measured in float32) is still lower: no step reads stale weights."""
+    dense = tiny_model(dtype=dtype, layers=3)
     plan = _partial_plan(dense, seed=3)
     calib = _ids(48, 32, seed=0)
     errors = {}
     for mode in ("lsq", "block"):
         pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False, drift_weight=0.0,
-                                           block_lr=1e-3)
+                                           block_lr=1e-3, block_autocast=autocast)
         errors[mode] = [(p - d).pow(2).sum().item() for p, d in _layer_io(dense, pruned, calib)]
     assert all(b < 0.9 * a for a, b in zip(errors["lsq"], errors["block"], strict=True)), errors
 
@@ -299,6 +304,24 @@ def test_block_autocast_auto_follows_the_device():
     native = placement.fast_bfloat16(torch.device("cpu"))
     assert all(torch.equal(v, runs[native][k]) for k, v in runs[None].items())
     assert not all(torch.equal(v, runs[not native][k]) for k, v in runs[None].items())
+
+
+def test_autocast_rounds_block_passes_only():
+    """block runs its fit passes in bfloat16 under autocast; lsq (a final fit, not a start) ignores the flag exactly."""
+    dense = tiny_model(layers=2)
+    plan = _partial_plan(dense, seed=1)
+    calib = _ids(8, 16, seed=2)
+    seen = {"lsq": set(), "block": set()}
+    for mode, dtypes in seen.items():
+        model = copy.deepcopy(dense)
+        hook = decoder_layers(model)[1].mlp.down_proj.register_forward_pre_hook(lambda m, a, d=dtypes: d.add(a[0].dtype))
+        with torch.no_grad():
+            prune_with_reconstruction(model, plan, calib, mode, progress=False, block_autocast=True)
+        hook.remove()
+    assert seen == {"lsq": {torch.float32}, "block": {torch.bfloat16}}
+    runs = [prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "lsq", progress=False,
+                                      block_autocast=flag).state_dict() for flag in (False, True)]
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq", "block"])

@@ -181,7 +181,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--reconstruct_lr", type=positive_float, default=DEFAULT_BLOCK_LR,
                    help="with --reconstruct block: peak Adam learning rate of the block-local distillation")
     p.add_argument("--reconstruct_autocast", choices=BLOCK_AUTOCAST, default="auto",
-                   help="with --reconstruct block: run the Adam steps' matmuls in bfloat16 (float32 weights and loss); "
+                   help="with --reconstruct block: run the Adam steps' and the fit passes' matmuls in bfloat16 "
+                        "(float32 weights, loss and statistics); "
                         "auto: where the device multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX/AVX512-BF16)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
