@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_pruning.cli.common import solve_samples
 from llama_pruning.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,13 +147,9 @@ def test_importance_and_reconstruction_defaults_per_command():
         return build_parser(argv[0]).parse_args(argv[1:])
 
     default, layer = parse("global"), parse("layer")
-    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 4 / 3)
+    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 2.0)
     assert default.reconstruct_autocast == "auto"
     assert (layer.importance_method, layer.reconstruct) == ("taylor", "lsq")
-    # block's Adam steps draw 384 windows, lsq's solve 256; --num_samples raises both, the flag sets them
-    assert [solve_samples(ns) for ns in (default, layer, parse("global", "--reconstruct", "lsq"),
-                                         parse("global", "--num_samples", "600"),
-                                         parse("global", "--reconstruct_samples", "100"))] == [384, 256, 256, 600, 100]
     fast = parse("global", "--fast")
     assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
     assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"

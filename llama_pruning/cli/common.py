@@ -20,7 +20,6 @@ from llama_pruning.options import (
     BLOCK_AUTOCAST,
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
-    DEFAULT_BLOCK_SAMPLES,
     DEFAULT_DRIFT,
     DEFAULT_MODEL,
     DEFAULT_RIDGE,
@@ -186,8 +185,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                         "(float32 weights, loss and statistics); "
                         "auto: where the device multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX/AVX512-BF16)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
-                   help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
-                        f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
+                   help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
+                        "and --num_samples)")
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
@@ -311,13 +310,6 @@ def prepare_gguf(args: argparse.Namespace) -> None:
                          f"of {block} (got {args.round_to})")
 
 
-def solve_samples(args: argparse.Namespace) -> int:
-    """Calibration windows of the run's reconstruction: --reconstruct_samples, else its mode's default (at least
-    --num_samples)."""
-    default = DEFAULT_BLOCK_SAMPLES if args.reconstruct == "block" else DEFAULT_SAMPLES
-    return args.reconstruct_samples or max(default, args.num_samples)
-
-
 def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
     """The memory model's projection for this command's model, dtype, device and flags (llama_pruning/memory.py)."""
     from llama_pruning import memory
@@ -328,7 +320,7 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
     work = memory.Workload(
         dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.gradient_batch_size,
-        reconstruct_samples=solve_samples(args),
+        reconstruct_samples=args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples),
         importance=args.importance_method, reconstruct=args.reconstruct)
     return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
@@ -454,7 +446,7 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     if args.reconstruct == "none":
         apply_plan(model, plan)
         return
-    count = solve_samples(args)
+    count = args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples)
     if samples is None or count != len(samples):
         samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
