@@ -20,7 +20,7 @@ MODES = ("none", "bias", "lsq", "block")
 DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
 DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
 DEFAULT_BLOCK_EPOCHS = 2.0  # block: Adam passes per cut layer (dev: the most that fit the 2x time with bf16 autocast)
-BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: Adam steps' matmuls in bfloat16 (auto: where the device does them natively)
+BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: its steps' and passes' matmuls in bf16 (auto: where native)
 DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 # models.gguf_export: types the gguf package writes, then llama.cpp's own k-quant mixtures (its quantizer)

@@ -441,10 +441,8 @@ def prune_with_reconstruction(
     if mode == "bias" and not plan.bias_compensation:
         plan = dataclasses.replace(plan, bias_compensation=[True] * plan.num_layers)
     device = placement.run_device(model, device)
-    if block_autocast is None:
-        block_autocast = placement.fast_bfloat16(device)
-    # block mode's linear fit is only the start of its Adam steps: its forward passes may round to bfloat16 as well
-    passes_bf16 = mode == "block" and block_autocast
+    # block's linear fit only starts its Adam steps, so its passes may round to bfloat16 too; lsq and bias never do
+    autocast = mode == "block" and (placement.fast_bfloat16(device) if block_autocast is None else block_autocast)
     was_training = model.training
     model.eval()  # no dropout in the passes whose statistics are fitted
     try:
@@ -470,15 +468,15 @@ def prune_with_reconstruction(
                         layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
                         _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
                                            solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
-                                           advance=not refine, autocast=passes_bf16)
+                                           advance=not refine, autocast=autocast)
                         if refine:
                             targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight,
-                                                     passes_bf16)
+                                                     autocast)
                             del dense_layer
                             refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
-                                         bar.update, block_autocast)
+                                         bar.update, autocast)
                             del targets
-                            hidden[:] = _layer_outputs(layers[i], layer_inputs, layer_kwargs, passes_bf16)
+                            hidden[:] = _layer_outputs(layers[i], layer_inputs, layer_kwargs, autocast)
     finally:
         model.train(was_training)
     return finalize(model, plan)
