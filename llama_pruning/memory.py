@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from llama_pruning.options import OBS_CHUNKS
+from llama_pruning.options import OBS_CHUNKS, reconstruct_windows
 
 # Llama-3 shapes (untied embeddings, vocab 128256): what bench/memory.py builds and what the docs project
 SHAPES = {
@@ -30,7 +30,7 @@ class Workload:
     num_samples: int = 64
     seq_len: int = 128
     batch_size: int = 4
-    reconstruct_samples: int = 256
+    reconstruct_samples: int | None = None  # None: the mode's default (options.reconstruct_windows)
     importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
     reconstruct: str = "block"  # the global command's default (block-local refinement after lsq)
 
@@ -65,7 +65,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     of one micro-batch's logits, and float32 per-weight sums for one layer; lsq keeps two streams of
     hidden states (pruned and dense) and, for the MLP being solved, a float32 Gram, then its kept block in float64
     and that block's Cholesky factor (bounded by two float64 Grams);
-    block adds the refined layer's inputs, targets and dense copy, and Adam's float32 state for that layer.
+    block adds a third stream (the refined layer's inputs) and its dense copy (which serves as the MLP's), then holds
+    its targets in place of the post-attention stream it frees, and Adam's float32 state for that layer.
     """
     s = _BYTES[work.dtype]
     h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
@@ -86,17 +87,17 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     else:
         # one micro-batch's logits (removal), or one layer's inputs and outputs over all tokens (wanda, block influence)
         peaks["importance"] = weights + max(batch_tokens * v * (s + 4), 2 * tokens * h * s) + acts
+    stream = reconstruct_windows(work.reconstruct, work.reconstruct_samples, work.num_samples) * work.seq_len * h * s
     if work.reconstruct in ("lsq", "block"):
-        stream = work.reconstruct_samples * work.seq_len * h * s
         width = max(i, q)  # the solved block's input width; kept columns counted as all of them (upper bound)
         solve = max(width * width + width * h + width * h, 2 * width * width + width * h) * SOLVE_BYTES
-        fit = 3 * i * h * s + solve + acts
-        if work.reconstruct == "block":  # the layer's inputs and targets, its dense copy, then Adam on it in float32
-            refine = 2 * stream + _layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts  # weights, grads, 2 moments
-            fit = max(fit + 2 * stream + _layer_params(config) * s, refine)
+        fit = 3 * i * h * s + solve + acts  # the MLP's dense copy, its statistics and solve, one micro-batch
+        if work.reconstruct == "block":  # the layer's inputs, its dense copy in place of the MLP's, then Adam in float32
+            refine = _layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts  # weights, grads, 2 moments
+            fit = stream + max(fit - 3 * i * h * s + _layer_params(config) * s, refine)
         peaks["reconstruction"] = weights + 2 * stream + fit
     elif work.reconstruct == "bias":
-        peaks["reconstruction"] = weights + 2 * work.reconstruct_samples * work.seq_len * h * s + acts
+        peaks["reconstruction"] = weights + 2 * stream + acts
     return peaks
 
 

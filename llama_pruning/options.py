@@ -19,11 +19,17 @@ STRATEGIES = ("inverse", "uniform")
 MODES = ("none", "bias", "lsq", "block")
 DEFAULT_RIDGE = 3000.0  # the original weights count like this many calibration tokens (docs/RECONSTRUCTION.md)
 DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the dense model's stream (idem)
-DEFAULT_BLOCK_EPOCHS = 2.0  # block: Adam passes per cut layer (dev: the most that fit the 2x time with bf16 autocast)
+DEFAULT_BLOCK_EPOCHS = 4 / 3  # block: Adam passes per cut layer, 128 steps of 4 windows (dev: new windows beat repeated ones)
 BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: its steps' and passes' matmuls in bf16 (auto: where native)
 DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
+DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB
 # models.gguf_export: types the gguf package writes, then llama.cpp's own k-quant mixtures (its quantizer)
 GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 OUTTYPES = (*GGUF_WRITER_TYPES, *LLAMA_CPP_TYPES)
+
+
+def reconstruct_windows(mode: str, requested: int | None, num_samples: int) -> int:
+    """Calibration windows of a reconstruction: `requested`, else its mode's default (at least `num_samples`)."""
+    return requested or max(DEFAULT_BLOCK_SAMPLES if mode == "block" else DEFAULT_SAMPLES, num_samples)

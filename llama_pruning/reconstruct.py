@@ -245,6 +245,7 @@ def _reconstruct_layer(
     input_weight: float = 0.0,
     advance: bool = True,
     autocast: bool = False,
+    dense: nn.Module | None = None,
 ) -> None:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place
     (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway).
@@ -253,7 +254,8 @@ def _reconstruct_layer(
     is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
     `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
     (`input_correction`); the dense stream keeps the original weights. `autocast`: the layer forwards in bfloat16
-    autocast (the statistics still accumulate in float32).
+    autocast (the statistics still accumulate in float32). `dense`: an uncut copy of the layer the caller holds anyway,
+    read (never changed) instead of copying its attention or MLP again.
     """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
@@ -266,7 +268,7 @@ def _reconstruct_layer(
     attn = layer.self_attn
     dense_attn = attn
     if correct and plan.attn_groups[index]:
-        dense_attn = copy.deepcopy(attn)
+        dense_attn = dense.self_attn if dense is not None else copy.deepcopy(attn)
         m = input_correction(layer.input_layernorm, hidden, dense_hidden, ridge, solve_dtype)
         correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
         del m
@@ -279,7 +281,9 @@ def _reconstruct_layer(
               lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b], autocast))
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     correct_mlp = correct and bool(plan.mlp_channels[index])
-    dense_mlp = copy.deepcopy(layer.mlp) if mlp_cut or correct_mlp else layer.mlp
+    dense_mlp = layer.mlp
+    if mlp_cut or correct_mlp:
+        dense_mlp = dense.mlp if dense is not None else copy.deepcopy(layer.mlp)
     dense_norm = layer.post_attention_layernorm
     prune_layer(layer, plan, index)
     if attn_cut:
@@ -447,8 +451,8 @@ def prune_with_reconstruction(
     model.eval()  # no dropout in the passes whose statistics are fitted
     try:
         with torch.no_grad():
-            inputs, kwargs = capture_layer_inputs(model, samples, batch_size)
-            hidden = send_to_device(inputs, device)
+            hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
+            hidden = send_to_device(hidden, device)  # no other name keeps the first layer's inputs alive
             dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
             refined = _refined_layers(plan) if mode == "block" else []
@@ -468,8 +472,9 @@ def prune_with_reconstruction(
                         layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
                         _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
                                            solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
-                                           advance=not refine, autocast=autocast)
+                                           advance=not refine, autocast=autocast, dense=dense_layer)
                         if refine:
+                            hidden.clear()  # the stream after the cut attention is dead: the refined outputs replace it
                             targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight,
                                                      autocast)
                             del dense_layer

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pruning.cli.main import build_parser, main
+from llama_pruning.options import reconstruct_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num_samples", "4", "--seq_len", "32", "--gradient_batch_size", "2", "--device", "cpu"]
@@ -147,9 +148,13 @@ def test_importance_and_reconstruction_defaults_per_command():
         return build_parser(argv[0]).parse_args(argv[1:])
 
     default, layer = parse("global"), parse("layer")
-    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 2.0)
+    assert (default.importance_method, default.reconstruct, default.reconstruct_epochs) == ("obs", "block", 4 / 3)
     assert default.reconstruct_autocast == "auto"
     assert (layer.importance_method, layer.reconstruct) == ("taylor", "lsq")
+    # block's Adam steps draw 384 windows, lsq's solve 256; --num_samples raises both, the flag sets them
+    assert [reconstruct_windows(ns.reconstruct, ns.reconstruct_samples, ns.num_samples)
+            for ns in (default, layer, parse("global", "--reconstruct", "lsq"), parse("global", "--num_samples", "600"),
+                       parse("global", "--reconstruct_samples", "100"))] == [384, 256, 256, 600, 100]
     fast = parse("global", "--fast")
     assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
     assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"

@@ -34,12 +34,15 @@ def test_default_command_on_llama3_8b_bf16_projects_under_22_gb():
 
 
 def test_block_reconstruction_on_llama3_8b_bf16_projects_under_22_gb():
-    """--reconstruct block adds one layer's inputs, targets and dense copy (and Adam's float32 state after the solve)."""
+    """--reconstruct block draws 384 windows by default; beyond lsq on as many it holds a third stream (the cut layer's
+    inputs) and the layer's dense copy instead of the MLP's (its targets later replace the freed post-attention stream)."""
     config = memory.SHAPES["8b"]
-    lsq, block = (memory.phase_peaks(config, memory.Workload(reconstruct=mode))["reconstruction"] for mode in ("lsq", "block"))
-    stream = 256 * 128 * 4096 * 2
-    assert block >= lsq + 2 * stream + memory._layer_params(config) * 2
-    assert block <= 22e9
+    block = memory.phase_peaks(config, memory.Workload())["reconstruction"]
+    lsq = memory.phase_peaks(config, memory.Workload(reconstruct="lsq", reconstruct_samples=384))["reconstruction"]
+    stream, mlp = 384 * 128 * 4096 * 2, 3 * 4096 * 14336 * 2
+    assert block >= lsq + stream + memory._layer_params(config) * 2 - mlp
+    assert block == memory.phase_peaks(config, memory.Workload(reconstruct_samples=384))["reconstruction"]
+    assert block <= 22e9 < memory.phase_peaks(config, memory.Workload(reconstruct_samples=512))["reconstruction"]
 
 
 def test_remedies_pick_the_flags_that_fit():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llama_pruning import placement
+from llama_pruning import placement, reconstruct
 from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PruningPlan
@@ -322,6 +323,26 @@ def test_autocast_rounds_block_passes_only():
     runs = [prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "lsq", progress=False,
                                       block_autocast=flag).state_dict() for flag in (False, True)]
     assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+
+
+@pytest.mark.parametrize("drift_weight", [0.0, 0.5])
+def test_block_holds_three_streams_of_hidden_states_while_refining(monkeypatch, drift_weight):
+    """While a layer is refined only its inputs, its targets and the dense stream (with drift) are alive: the
+    post-attention stream is freed and nothing keeps the first layer's captured inputs (docs/MEMORY.md's terms)."""
+    dense = tiny_model(layers=3)
+    plan = _partial_plan(dense, seed=1)
+    calib = _ids(8, 16, seed=2)
+    counts = []
+
+    def counting(layer, inputs, targets, *args, **kwargs):
+        gc.collect()
+        counts.append(sum(isinstance(o, torch.Tensor) and o.shape == inputs[0].shape for o in gc.get_objects()))
+        return refine_layer(layer, inputs, targets, *args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "refine_layer", counting)
+    prune_with_reconstruction(dense, plan, calib, "block", batch_size=2, progress=False, drift_weight=drift_weight)
+    batches, streams = 4, 3 if drift_weight else 2
+    assert counts == [streams * batches] * 3
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq", "block"])

@@ -20,6 +20,7 @@ from llama_pruning.options import (
     BLOCK_AUTOCAST,
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
+    DEFAULT_BLOCK_SAMPLES,
     DEFAULT_DRIFT,
     DEFAULT_MODEL,
     DEFAULT_RIDGE,
@@ -30,6 +31,7 @@ from llama_pruning.options import (
     MODES,
     OUTTYPES,
     TAYLOR_2ND_VARIANTS,
+    reconstruct_windows,
 )
 
 if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `--help` answers at once
@@ -185,8 +187,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                         "(float32 weights, loss and statistics); "
                         "auto: where the device multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX/AVX512-BF16)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
-                   help=f"calibration windows of the reconstruction solve (default: the larger of {DEFAULT_SAMPLES} "
-                        "and --num_samples)")
+                   help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
+                        f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
@@ -320,7 +322,7 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
     work = memory.Workload(
         dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.gradient_batch_size,
-        reconstruct_samples=args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples),
+        reconstruct_samples=args.reconstruct_samples,
         importance=args.importance_method, reconstruct=args.reconstruct)
     return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
@@ -446,7 +448,7 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     if args.reconstruct == "none":
         apply_plan(model, plan)
         return
-    count = args.reconstruct_samples or max(DEFAULT_SAMPLES, args.num_samples)
+    count = reconstruct_windows(args.reconstruct, args.reconstruct_samples, args.num_samples)
     if samples is None or count != len(samples):
         samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
