@@ -46,11 +46,12 @@ def configurations() -> list[tuple[str, list[str]]]:
 
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
     rows += [global_row(p, "obs", "lsq") for p in POINTS] + [global_row("P50", "taylor", "lsq")]
-    # the global command's defaults since issue 17's fourth round (obs + two block passes, bf16 autocast where native)
-    rows += [(f"{p} global obs block", [*global_row(p, "obs", "block")[1], "--reconstruct_epochs", "2"]) for p in POINTS]
-    # the same 128 Adam steps over 384 windows (issue 17's fifth round; not the default: Llama-3-8B's projection > 22 GB)
-    rows += [(f"{p} global obs block 384 windows", [*global_row(p, "obs", "block")[1], "--reconstruct_samples", "384",
-                                                    "--reconstruct_epochs", "1.3333"]) for p in POINTS]
+    # the global command's defaults since issue 17's fifth round (obs + block: 128 Adam steps on 384 windows, bf16 where native)
+    rows += [(f"{p} global obs block", [*global_row(p, "obs", "block")[1], "--reconstruct_samples", "384",
+                                        "--reconstruct_epochs", "1.3333"]) for p in POINTS]
+    # the fourth round's defaults: two Adam passes over 256 windows
+    rows += [(f"{p} global obs block 256 windows 2 epochs", [*global_row(p, "obs", "block")[1], "--reconstruct_samples",
+                                                             "256", "--reconstruct_epochs", "2"]) for p in POINTS]
     # the same with the solve on the 64 importance windows only (the default solve draws 256)
     rows += [(f"{p} global taylor lsq 64-window solve", [*global_row(p, "taylor", "lsq")[1], "--reconstruct_samples", "64"])
              for p in RATIOS]
