@@ -137,6 +137,14 @@ def load_rows(path: Path) -> dict[str, dict]:
     return {row["name"]: row for row in map(json.loads, path.read_text().splitlines()) if row}
 
 
+def current_rows(rows: dict[str, dict], configs: list[tuple[str, list[str]]]) -> tuple[dict[str, dict], list[str]]:
+    """The rows to report, in configuration order, and the names left out because their recorded args are not the
+    configuration's: a row name kept across a change of its flags would otherwise show a measurement of other flags."""
+    wanted = {"dense": ""} | {name: " ".join(cli) for name, cli in configs}
+    current = {name: rows[name] for name, args in wanted.items() if name in rows and rows[name]["args"] == args}
+    return current, [name for name in wanted if name in rows and name not in current]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rows, 4 x 32 calibration, 2 windows")
@@ -175,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.report import write_report
 
-        order = ["dense"] + [name for name, _ in configurations()]
-        rows = load_rows(results)
+        rows, stale = current_rows(load_rows(results), configurations())
+        for name in stale:
+            print(f"{name}: left out of the report, its recorded args differ from the configuration's (rerun it with --rerun)")
         # rows from before the thread count was recorded ran with this process's setting (OMP_NUM_THREADS)
         threads = sorted({row.get("torch threads", torch.get_num_threads()) for row in rows.values()})
         machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {'/'.join(map(str, threads))} torch thread(s), "
                    f"device {args.device}")
-        write_report({name: rows[name] for name in order if name in rows}, ROOT / "docs", machine=machine)
+        write_report(rows, ROOT / "docs", machine=machine)
     return 0
 
 

@@ -47,6 +47,17 @@ def test_report_renders_rows_references_and_plot(tmp_path):
     assert (tmp_path / "results_p20.png").stat().st_size > 10_000
 
 
+def test_report_leaves_out_rows_recorded_with_other_args():
+    from bench.quality import current_rows
+
+    configs = [("P20 a", ["global", "--x", "1"]), ("P20 b", ["global", "--x", "2"]), ("P20 c", ["global"])]
+    rows = {"P20 b": {"args": "global --x 2"}, "P20 a": {"args": "global --x 1 --y"}, "dense": {"args": ""},
+            "gone": {"args": "global"}}
+    current, stale = current_rows(rows, configs)
+    assert list(current) == ["dense", "P20 b"]  # configuration order; unknown names and missing rows dropped
+    assert stale == ["P20 a"]
+
+
 def test_dev_split_is_disjoint_from_every_calibration_draw_and_reproducible(smollm2):
     """The committed dev windows: none drawn by seeds 0-2 up to 512 samples, same tokens as when committed."""
     from bench.dev import MAX_SAMPLES, SEEDS, SPLIT, calibration_windows, dev_windows, make_split
