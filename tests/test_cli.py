@@ -113,6 +113,7 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--importance_method", "tayler"], "invalid choice"),
     (["global_pruning.py", "--reconstruct_drift", "2"], "must be in [0, 1]"),
     (["layer_pruning.py", "--reconstruct_ridge", "-0.1"], "must be >= 0"),
+    (["global_pruning.py", "--cut_penalty", "inf"], "must be >= 0 and finite"),
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
     (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
@@ -132,7 +133,7 @@ def test_help_lists_every_flag():
                    "--test_after_prune", "--save_model", "--device", "--seed", "--plan", "--save_dtype", "--round_to",
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
-                   "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill"],
+                   "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

@@ -12,6 +12,7 @@ import torch
 from llama_pruning.importance import compute_importance
 from llama_pruning.models.arch import count_params, model_spec
 from llama_pruning.selection import SelectionError, global_plan, layerwise_plan, parse_distribution
+from llama_pruning.selection.global_knapsack import group_table
 from llama_pruning.selection.layerwise import allocate
 from llama_pruning.surgery import apply_plan
 from tests.tiny import tiny_model
@@ -87,6 +88,29 @@ def test_global_rejects_bad_arguments():
         global_plan(model, table, 1.5)
     with pytest.raises(SelectionError, match="layer range"):
         global_plan(model, table, 0.1, layer_start=3, layer_end=2)
+
+
+def test_cut_penalty_scales_scores_by_rank_in_block_and_spreads_the_cut():
+    """Score x (1 + a r/n) exactly, the order inside a block unchanged; a deep cut of one block moves to others."""
+    model = tiny_model(layers=4, intermediate=48)
+    spec = model_spec(model)
+    table = rigged_table(model, 0)  # importances 1 + U(0, 1); attention kept out of the way; layer 0's MLP cheapest
+    table.loc[table["group_type"] == "attn", "importance"] = 1e6
+    cheap = (table["layer_idx"] == 0) & (table["group_type"] == "mlp")
+    table.loc[cheap, "importance"] = np.linspace(0.2, 0.9, cheap.sum())
+    plain = group_table(table, spec)
+    penalised = group_table(table, spec, cut_penalty=2.0)
+    for _, rows in plain.groupby(["layer_idx", "group_type"]):
+        rank = np.empty(len(rows))
+        rank[rows["score"].argsort(kind="stable").to_numpy()] = np.arange(1, len(rows) + 1)
+        np.testing.assert_array_equal(penalised.loc[rows.index, "score"], rows["score"] * (1 + 2.0 * (rank / len(rows))))
+    base, _ = global_plan(model, table, 0.05)
+    spread, _ = global_plan(model, table, 0.05, cut_penalty=2.0)
+    assert [len(c) for c in base.mlp_channels] == [23, 48, 48, 48]  # only the cheap layer is cut, deeply
+    assert [len(c) for c in spread.mlp_channels] == [25, 47, 48, 47]  # two of its cuts move to other layers
+    assert spread.param_report(model)["params_after"] == base.param_report(model)["params_after"]
+    with pytest.raises(SelectionError, match="cut_penalty"):
+        global_plan(model, table, 0.1, cut_penalty=-1.0)
 
 
 def test_global_previous_plan_is_removed_first():

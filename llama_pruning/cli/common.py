@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -67,10 +68,10 @@ def fraction(text: str) -> float:
 
 
 def non_negative(text: str) -> float:
-    """argparse type for a float >= 0."""
+    """argparse type for a finite float >= 0."""
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
     return value
 
 
@@ -402,6 +403,8 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                               "pruning_ratio": args.pruning_ratio, "reconstruct": args.reconstruct})
         if steps > 1:
             plan.metadata["iterative_steps"] = steps
+        if getattr(args, "cut_penalty", 0):  # global command only
+            plan.metadata["cut_penalty"] = args.cut_penalty
         if args.reconstruct == "bias" and not plan.bias_compensation:
             plan.bias_compensation = [True] * plan.num_layers
         report = plan.param_report(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from llama_pruning.cli.common import add_common_arguments, positive_int, run_pruning
+from llama_pruning.cli.common import add_common_arguments, non_negative, positive_int, run_pruning
 from llama_pruning.options import NORMALIZATIONS
 
 if TYPE_CHECKING:
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer_end", type=int, default=None, help="one past the last layer considered (default: all)")
     p.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
                    help="per-layer score normalisation (auto: on for wanda/magnitude, off for taylor/obs/random)")
+    p.add_argument("--cut_penalty", type=non_negative, default=0.0,
+                   help="multiply a unit's score by 1 + A r/n (r: its rank among its block's n units), so deep cuts of "
+                        "one block cost more than the sum of their estimates (0: off)")
     p.add_argument("--iterative_steps", type=positive_int, default=1,
                    help="reach the target in K steps: cut k/K of it, reconstruct, re-score the survivors on the "
                         "re-fitted model (about K x the importance and reconstruction time)")
@@ -41,7 +44,7 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
         model, table, args.pruning_ratio * fraction, remove_empty_layers=args.remove_empty_layers,
         layer_start=args.layer_start, layer_end=args.layer_end,
         normalization=resolve_normalization(args.normalization, args.importance_method), round_to=args.round_to,
-        previous=previous,
+        previous=previous, cut_penalty=args.cut_penalty,
     )
     return plan, groups, None
 

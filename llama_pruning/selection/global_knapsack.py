@@ -31,12 +31,14 @@ def resolve_normalization(normalization: str, method: str) -> str:
     return _AUTO_NORMALIZATION.get(method, "none") if normalization == "auto" else normalization
 
 
-def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none") -> pd.DataFrame:
+def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none", cut_penalty: float = 0.0) -> pd.DataFrame:
     """Add `cost` (exact parameters) and `score` = importance / cost to an importance table.
 
     `layer` normalisation divides a layer's importances by its mean importance per parameter, so every
     layer has the same average score: Wanda's and magnitude's raw scales grow with depth and would
     otherwise strip the first layers; the attention/MLP balance inside a layer is kept.
+    `cut_penalty` a multiplies a unit's score by 1 + a r / n (r: its rank by score among its block's n units, 1 the
+    cheapest), so deep cuts of one block cost more than the sum of its per-unit estimates (dev: RESULTS_NOTES).
     """
     out = table.copy()
     out["cost"] = np.where(out["group_type"] == "attn", spec.attn_group_cost(), spec.mlp_channel_cost())
@@ -47,6 +49,9 @@ def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none
         importance = importance / density.where(density > 0, 1.0)
         out["importance_normalized"] = importance
     out["score"] = importance / out["cost"]
+    if cut_penalty:
+        block = out.groupby(["layer_idx", "group_type"])["score"]
+        out["score"] *= 1 + cut_penalty * (block.rank(method="first") / block.transform("size"))
     return out
 
 
@@ -75,13 +80,15 @@ def global_plan(
     normalization: str = "none",
     round_to: int = 1,
     previous: PruningPlan | None = None,
+    cut_penalty: float = 0.0,
 ) -> tuple[PruningPlan, pd.DataFrame]:
     """Select units globally until `pruning_ratio` of the model's total parameters are removed.
 
     Returns the plan and the group table (with `cost`, `score`, `pruned`). Without
     `remove_empty_layers` every block keeps its best unit; with it blocks may empty and layers whose
     two blocks empty are deleted. `round_to` keeps each MLP width a multiple of N. Units a `previous`
-    plan removed (an iterative schedule's earlier steps) score -inf, so they are removed first.
+    plan removed (an iterative schedule's earlier steps) score -inf, so they are removed first. `cut_penalty`:
+    see `group_table`.
     """
     spec = model_spec(model)
     if not 0 <= pruning_ratio < 1:
@@ -89,7 +96,9 @@ def global_plan(
     layer_end = check_layer_range(spec.num_layers, layer_start, layer_end)
     if round_to < 1:
         raise SelectionError(f"--round_to must be >= 1, got {round_to}")
-    groups = group_table(table, spec, normalization)
+    if not (cut_penalty >= 0 and np.isfinite(cut_penalty)):
+        raise SelectionError(f"--cut_penalty must be >= 0, got {cut_penalty}")
+    groups = group_table(table, spec, normalization, cut_penalty)
     total = count_params(model)
     budget = int(round(pruning_ratio * total))
     if previous is not None:
