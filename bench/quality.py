@@ -47,11 +47,12 @@ def configurations() -> list[tuple[str, list[str]]]:
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
     rows += [global_row(p, "obs", "lsq") for p in POINTS] + [global_row("P50", "taylor", "lsq")]
     # the global command's defaults since issue 17's fifth round (obs + block: 128 Adam steps on 384 windows, bf16 where native)
-    rows += [(f"{p} global obs block", [*global_row(p, "obs", "block")[1], "--reconstruct_samples", "384",
-                                        "--reconstruct_epochs", "1.3333"]) for p in POINTS]
+    def default_row(point: str, *extra: str) -> list[str]:
+        return [*global_row(point, "obs", "block")[1], "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333", *extra]
+
+    rows += [(f"{p} global obs block", default_row(p)) for p in POINTS]
     # the same with the knapsack's cut penalty (issue 17's seventh round)
-    rows += [(f"{p} global obs block cut_penalty 1", [*global_row(p, "obs", "block")[1], "--reconstruct_samples", "384",
-                                                     "--reconstruct_epochs", "1.3333", "--cut_penalty", "1"]) for p in RATIOS]
+    rows += [(f"{p} global obs block cut_penalty 1", default_row(p, "--cut_penalty", "1")) for p in RATIOS]
     # the fourth round's defaults: two Adam passes over 256 windows
     rows += [(f"{p} global obs block 256 windows 2 epochs", [*global_row(p, "obs", "block")[1], "--reconstruct_samples",
                                                              "256", "--reconstruct_epochs", "2"]) for p in POINTS]

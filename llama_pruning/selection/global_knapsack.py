@@ -97,7 +97,7 @@ def global_plan(
     if round_to < 1:
         raise SelectionError(f"--round_to must be >= 1, got {round_to}")
     if not (cut_penalty >= 0 and np.isfinite(cut_penalty)):
-        raise SelectionError(f"--cut_penalty must be >= 0, got {cut_penalty}")
+        raise SelectionError(f"--cut_penalty must be >= 0 and finite, got {cut_penalty}")
     groups = group_table(table, spec, normalization, cut_penalty)
     total = count_params(model)
     budget = int(round(pruning_ratio * total))
