@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from llama_pruning.cli.main import build_parser, main
 from llama_pruning.options import reconstruct_windows
+from llama_pruning.selection.global_knapsack import resolve_cut_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num_samples", "4", "--seq_len", "32", "--gradient_batch_size", "2", "--device", "cpu"]
@@ -38,6 +39,7 @@ def test_global_end_to_end_and_replay(tmp_path, data_dir):
     assert abs(1 - metrics["params_after"] / metrics["params_before"] - 0.1) < 0.002
     description = (run / "description.txt").read_text()
     assert "pruning_ratio: 0.1" in description and "attention blocks: 30 -> 30" in description
+    assert json.loads((run / "pruning_plan.json").read_text())["metadata"]["cut_penalty"] == 1.0  # auto, for obs
     # the saved folder loads with transformers alone and matches the replayed plan bit for bit
     code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "replay", "--plan",
                  str(run / "pruning_plan.json"), "--reconstruct", "none", "--save_model", *FAST])
@@ -60,7 +62,7 @@ def test_global_iterative_steps(tmp_path, data_dir, capsys):
     metrics = json.loads((out / "it" / "metrics.json").read_text())
     assert abs(1 - metrics["params_after"] / metrics["params_before"] - 0.1) < 0.002
     plan = json.loads((out / "it" / "pruning_plan.json").read_text())
-    assert plan["metadata"]["iterative_steps"] == 2
+    assert plan["metadata"]["iterative_steps"] == 2 and "cut_penalty" not in plan["metadata"]  # auto: off for taylor
     code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "r", "--plan",
                  str(out / "it" / "pruning_plan.json"), "--iterative_steps", "2", *FAST])
     assert code == 2 and "a replayed --plan has them already" in capsys.readouterr().err
@@ -114,6 +116,7 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--reconstruct_drift", "2"], "must be in [0, 1]"),
     (["layer_pruning.py", "--reconstruct_ridge", "-0.1"], "must be >= 0"),
     (["global_pruning.py", "--cut_penalty", "inf"], "must be >= 0 and finite"),
+    (["global_pruning.py", "--cut_penalty", "high"], "invalid non_negative_or_auto value"),
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
     (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
@@ -159,6 +162,10 @@ def test_importance_and_reconstruction_defaults_per_command():
     fast = parse("global", "--fast")
     assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
     assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"
+    # the knapsack's cut penalty: 1 for obs (chosen on dev), off for the other methods, a given value as given
+    assert [resolve_cut_penalty(ns.cut_penalty, ns.importance_method)
+            for ns in (default, parse("global", "--importance_method", "taylor"), parse("global", "--cut_penalty", "0"),
+                       parse("global", "--importance_method", "wanda", "--cut_penalty", "2.5"))] == [1.0, 0.0, 0.0, 2.5]
 
 
 def test_help_shows_defaults_without_importing_torch():

@@ -75,6 +75,11 @@ def non_negative(text: str) -> float:
     return value
 
 
+def non_negative_or_auto(text: str) -> float | str:
+    """argparse type for `auto` (the method decides) or a finite float >= 0."""
+    return "auto" if text == "auto" else non_negative(text)
+
+
 def positive_float(text: str) -> float:
     """argparse type for a finite float > 0."""
     value = float(text)
@@ -403,8 +408,6 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                               "pruning_ratio": args.pruning_ratio, "reconstruct": args.reconstruct})
         if steps > 1:
             plan.metadata["iterative_steps"] = steps
-        if getattr(args, "cut_penalty", 0):  # global command only
-            plan.metadata["cut_penalty"] = args.cut_penalty
         if args.reconstruct == "bias" and not plan.bias_compensation:
             plan.bias_compensation = [True] * plan.num_layers
         report = plan.param_report(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from llama_pruning.cli.common import add_common_arguments, non_negative, positive_int, run_pruning
+from llama_pruning.cli.common import add_common_arguments, non_negative_or_auto, positive_int, run_pruning
 from llama_pruning.options import NORMALIZATIONS
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer_end", type=int, default=None, help="one past the last layer considered (default: all)")
     p.add_argument("--normalization", choices=NORMALIZATIONS, default="auto",
                    help="per-layer score normalisation (auto: on for wanda/magnitude, off for taylor/obs/random)")
-    p.add_argument("--cut_penalty", type=non_negative, default=0.0,
+    p.add_argument("--cut_penalty", type=non_negative_or_auto, default="auto",
                    help="multiply a unit's score by 1 + A r/n (r: its rank among its block's n units), so deep cuts of "
-                        "one block cost more than the sum of their estimates (0: off)")
+                        "one block cost more than the sum of their estimates (0: off; auto: 1 for obs, 0 otherwise)")
     p.add_argument("--iterative_steps", type=positive_int, default=1,
                    help="reach the target in K steps: cut k/K of it, reconstruct, re-score the survivors on the "
                         "re-fitted model (about K x the importance and reconstruction time)")
@@ -38,14 +38,17 @@ def select(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ta
            fraction: float = 1.0, previous: PruningPlan | None = None) -> tuple:
     """The plan removing `fraction` of the target, on top of what `previous` removed (--iterative_steps)."""
     from llama_pruning.selection import global_plan
-    from llama_pruning.selection.global_knapsack import resolve_normalization
+    from llama_pruning.selection.global_knapsack import resolve_cut_penalty, resolve_normalization
 
+    cut_penalty = resolve_cut_penalty(args.cut_penalty, args.importance_method)
     plan, groups = global_plan(
         model, table, args.pruning_ratio * fraction, remove_empty_layers=args.remove_empty_layers,
         layer_start=args.layer_start, layer_end=args.layer_end,
         normalization=resolve_normalization(args.normalization, args.importance_method), round_to=args.round_to,
-        previous=previous, cut_penalty=args.cut_penalty,
+        previous=previous, cut_penalty=cut_penalty,
     )
+    if cut_penalty:
+        plan.metadata["cut_penalty"] = cut_penalty
     return plan, groups, None
 
 

@@ -18,6 +18,7 @@ from llama_pruning.options import NORMALIZATIONS
 from llama_pruning.plan import PruningPlan
 
 _AUTO_NORMALIZATION = {"taylor": "none", "taylor_2nd": "none", "random": "none", "wanda": "layer", "magnitude": "layer"}
+_AUTO_CUT_PENALTY = {"obs": 1.0}  # chosen on dev for obs (docs/RESULTS_NOTES.md); the other methods were not measured
 
 
 class SelectionError(ValueError):
@@ -29,6 +30,11 @@ def resolve_normalization(normalization: str, method: str) -> str:
     if normalization not in NORMALIZATIONS:
         raise SelectionError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
     return _AUTO_NORMALIZATION.get(method, "none") if normalization == "auto" else normalization
+
+
+def resolve_cut_penalty(cut_penalty: float | str, method: str) -> float:
+    """`auto` -> 1 for obs (its per-block estimates miss the compounding of deep cuts), 0 (off) otherwise."""
+    return _AUTO_CUT_PENALTY.get(method, 0.0) if cut_penalty == "auto" else float(cut_penalty)
 
 
 def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none", cut_penalty: float = 0.0) -> pd.DataFrame:
