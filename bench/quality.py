@@ -36,7 +36,7 @@ def configurations() -> list[tuple[str, list[str]]]:
     """(row name, CLI arguments) in priority order (the sweep is resumable, so the first rows land first)."""
     def global_row(point: str, method: str, reconstruct: str, *extra: str) -> tuple[str, list[str]]:
         suffix = "" if reconstruct == "none" else f" {reconstruct}"
-        suffix += " remove_empty" if extra else ""
+        suffix += " remove_empty" if "--remove_empty_layers" in extra else ""
         return (f"{point} global {method}{suffix}", ["global", "--pruning_ratio", str(POINTS[point]),
                                                       "--importance_method", method, "--reconstruct", reconstruct, *extra])
 
@@ -46,21 +46,21 @@ def configurations() -> list[tuple[str, list[str]]]:
 
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
     # obs rows of earlier rounds ran before obs got its cut penalty (issue 17's eighth round): they spell out 0
-    rows += [(name, [*cli, "--cut_penalty", "0"]) for name, cli in (global_row(p, "obs", "lsq") for p in POINTS)]
+    rows += [global_row(p, "obs", "lsq", "--cut_penalty", "0") for p in POINTS]
     rows += [global_row("P50", "taylor", "lsq")]
     # the global command's defaults since issue 17's eighth round (obs + block: 128 Adam steps on 384 windows, bf16 where
     # native; the knapsack's cut penalty 1); the sixth round's defaults are the same without the penalty
     def default_row(point: str, *extra: str) -> list[str]:
-        return [*global_row(point, "obs", "block")[1], "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333", *extra]
+        return global_row(point, "obs", "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333", *extra)[1]
 
     rows += [(f"{p} global obs block", default_row(p)) for p in POINTS]
     rows += [(f"{p} global obs block cut_penalty 0", default_row(p, "--cut_penalty", "0")) for p in POINTS]
     # the fourth round's defaults: two Adam passes over 256 windows
-    rows += [(f"{p} global obs block 256 windows 2 epochs", [*global_row(p, "obs", "block")[1], "--reconstruct_samples",
-                                                             "256", "--reconstruct_epochs", "2", "--cut_penalty", "0"])
+    rows += [(f"{p} global obs block 256 windows 2 epochs", global_row(p, "obs", "block", "--reconstruct_samples", "256",
+                                                                       "--reconstruct_epochs", "2", "--cut_penalty", "0")[1])
              for p in POINTS]
     # the same with the solve on the 64 importance windows only (the default solve draws 256)
-    rows += [(f"{p} global taylor lsq 64-window solve", [*global_row(p, "taylor", "lsq")[1], "--reconstruct_samples", "64"])
+    rows += [(f"{p} global taylor lsq 64-window solve", global_row(p, "taylor", "lsq", "--reconstruct_samples", "64")[1])
              for p in RATIOS]
     rows += [(f"depth remove_layers {n}", ["layer", "--pruning_ratio", "0", "--remove_layers", str(n), "--reconstruct", "none"])
              for n in (6, 9)]
