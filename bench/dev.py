@@ -7,16 +7,24 @@
 Dev windows: the 128-token windows of wiki.valid.tokens (the calibration file, tokenized as calibration
 tokenizes it) that no calibration draw of seeds 0-2 uses, up to 512 samples; the file is not cut, so
 calibration is unchanged. Dev PPL: the evaluation protocol's PPL over 128 of them spread evenly through
-the file. Each run is the real `global` command in a subprocess (its defaults unless flags are given)
+the file. Two more figures, because the test text differs from the calibration file in two ways (RESULTS_NOTES):
+clean dev PPL leaves out the targets that are pieces of the file's `<unk>` placeholders (13 % of its tokens; the raw
+test text has none), and copy NLL is the mean NLL of the 2nd-4th copy of 64 shuffled 32-token dev snippets repeated
+4 times (in-context copying, which repeated rare names in the test text need and `<unk>` text barely exercises).
+Each run is the real `global` command in a subprocess (its defaults unless flags are given)
 with calibration seed s; its saved model is scored on the dev windows, then deleted.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
+import itertools
 import json
+import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -24,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench.quality import POINTS as RATIOS  # 20 / 30 / 50 % of SmolLM2's decoder-layer parameters
 
@@ -32,6 +41,7 @@ SPLIT = ROOT / "bench" / "dev_split.json"
 RESULTS = ROOT / "bench" / "results_dev.jsonl"
 CACHE = ROOT / "bench" / "results_dev_runs" / ".importance_cache"
 SEQ_LEN, SEEDS, MAX_SAMPLES, EVAL_WINDOWS = 128, (0, 1, 2), 512, 128
+PLACEHOLDER, COPY_SNIPPETS, COPY_LEN, COPIES = "<unk>", 64, 32, 4
 
 
 def calibration_windows(tokenizer) -> torch.Tensor:
@@ -68,9 +78,52 @@ def dev_windows(tokenizer) -> torch.Tensor:
     return windows
 
 
-def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.Tensor) -> dict:
+def placeholder_mask(tokenizer, windows: torch.Tensor, placeholder: str = PLACEHOLDER) -> torch.Tensor:
+    """True for the tokens whose text overlaps an occurrence of `placeholder` (its pieces, merged punctuation included)."""
+    mask = torch.zeros(windows.shape, dtype=torch.bool)
+    for i, ids in enumerate(windows.tolist()):
+        pieces = [tokenizer.decode([t]) for t in ids]
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        text = "".join(pieces)
+        for match in re.finditer(re.escape(placeholder), text):
+            first = bisect.bisect_right(ends, match.start())
+            last = bisect.bisect_left(ends, match.end())
+            mask[i, first:last + 1] = True
+    return mask
+
+
+def copy_snippets(windows: torch.Tensor) -> torch.Tensor:
+    """COPY_SNIPPETS rows of COPY_LEN shuffled dev tokens, each repeated COPIES times (fixed seed)."""
+    generator = torch.Generator().manual_seed(0)
+    base = windows[:COPY_SNIPPETS, :COPY_LEN]
+    shuffled = torch.stack([row[torch.randperm(COPY_LEN, generator=generator)] for row in base])
+    return shuffled.repeat(1, COPIES)
+
+
+@torch.no_grad()
+def token_nll(model, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Next-token NLL per target, `[n, seq_len - 1]`, in float64."""
+    out = []
+    for batch in windows.split(batch_size):
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        out.append(nll.view(len(batch), -1).double())
+    return torch.cat(out)
+
+
+def dev_scores(model, windows: torch.Tensor, placeholders: torch.Tensor) -> dict:
+    """Dev PPL, clean dev PPL (targets outside placeholders) and copy NLL (targets in copies 2..COPIES)."""
+    model.eval()
+    nll = token_nll(model, windows)
+    copies = token_nll(model, copy_snippets(windows))[:, COPY_LEN - 1:]
+    return {"dev PPL": round(math.exp(nll.mean().item()), 4),
+            "clean dev PPL": round(math.exp(nll[~placeholders[:, 1:]].mean().item()), 4),
+            "copy NLL": round(copies.mean().item(), 4)}
+
+
+def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.Tensor,
+             placeholders: torch.Tensor) -> dict:
     """One `global` run at calibration `seed`, scored on the dev windows."""
-    from llama_pruning.evaluation.ppl import window_perplexity
     from llama_pruning.models import load_model
 
     CACHE.parent.mkdir(parents=True, exist_ok=True)
@@ -83,29 +136,38 @@ def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.
             raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
         metrics = json.loads((Path(root) / "run" / "metrics.json").read_text())
         model, _ = load_model(str(Path(root) / "run"), device="cpu")
-        ppl = window_perplexity(model, windows, desc=f"dev PPL {name} s{seed}")
-    return {"name": name, "point": point, "seed": seed, "flags": " ".join(flags), "dev PPL": round(ppl, 4),
+        scores = dev_scores(model, windows, placeholders)
+    return {"name": name, "point": point, "seed": seed, "flags": " ".join(flags), **scores,
             "params_after": metrics["params_after"], "pruning seconds": metrics["pruning seconds"],
             "peak RSS MiB": metrics["peak RSS MiB"], "torch threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
             "load average": round(os.getloadavg()[0], 1)}
 
 
+def _mean(group: list[dict], key: str, digits: int) -> str:
+    """Mean of `key` over the rows that have it ('—' when none does: rows recorded before it existed)."""
+    values = [r[key] for r in group if r.get(key) is not None]
+    return f"{statistics.mean(values):.{digits}f}" if values else "—"
+
+
 def report(rows: list[dict]) -> str:
-    """Mean dev PPL over seeds per (name, point), with the spread, seconds and memory."""
+    """Mean dev PPL over seeds per (name, point), with the spread, the other dev scores, seconds and memory."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["point"], row["name"]), []).append(row)
     lines = ["# Dev-split rows (never the test split)", "",
              f"Generated by `python -m bench.dev report` from {RESULTS.name}; protocol in bench/dev.py and "
-             "docs/RESULTS_NOTES.md. PPL: mean over calibration seeds (min-max in brackets). Flags are as given when "
+             "docs/RESULTS_NOTES.md. PPL: mean over calibration seeds (min-max in brackets); clean dev PPL and copy "
+             "NLL (bench/dev.py) exist from issue 17's ninth round on. Flags are as given when "
              "the row ran: rows without `--cut_penalty` ran with 0, the default before issue 17's eighth round "
              "(`auto`, 1 for obs, since).", "",
-             "| point | row | flags | seeds | dev PPL | pruning s | peak RSS MiB | load |", "|---|---|---|---|---|---|---|---|"]
+             "| point | row | flags | seeds | dev PPL | clean dev PPL | copy NLL | pruning s | peak RSS MiB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (point, name), group in sorted(groups.items()):
         ppls = [r["dev PPL"] for r in group]
         spread = f" [{min(ppls):.2f}-{max(ppls):.2f}]" if len(group) > 1 else ""
         lines.append(f"| {point} | {name} | {group[0]['flags'] or '(defaults)'} | {','.join(str(r['seed']) for r in group)} | "
-                     f"{statistics.mean(ppls):.2f}{spread} | {statistics.mean(r['pruning seconds'] for r in group):.0f} | "
+                     f"{statistics.mean(ppls):.2f}{spread} | {_mean(group, 'clean dev PPL', 2)} | "
+                     f"{_mean(group, 'copy NLL', 3)} | {statistics.mean(r['pruning seconds'] for r in group):.0f} | "
                      f"{max(r['peak RSS MiB'] for r in group):.0f} | {max(r['load average'] for r in group)} |")
     return "\n".join(lines) + "\n"
 
@@ -135,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         parser.error("run needs a row NAME")
     windows = dev_windows(tokenizer)
+    placeholders = placeholder_mask(tokenizer, windows)
     for seed in args.seeds:
-        row = run_seed(args.name, args.point, seed, flags, windows)
+        row = run_seed(args.name, args.point, seed, flags, windows, placeholders)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

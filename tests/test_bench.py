@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,5 +83,58 @@ def test_dev_report_averages_seeds(tmp_path):
 
     rows = [{"name": "a", "point": "P20", "seed": s, "flags": "", "dev PPL": p, "pruning seconds": 10.0 * s,
              "peak RSS MiB": 100.0, "load average": 1.0} for s, p in ((0, 60.0), (1, 62.0), (2, 64.0))]
-    text = report(rows)
-    assert "| P20 | a | (defaults) | 0,1,2 | 62.00 [60.00-64.00] | 10 | 100 | 1.0 |" in text
+    rows[1].update({"clean dev PPL": 66.0, "copy NLL": 0.5})  # rows from before the scores existed have none
+    rows[2].update({"clean dev PPL": 68.0, "copy NLL": 0.7, "seed": 3})
+    text = report(rows + [{**rows[0], "name": "b"}])
+    assert "| P20 | a | (defaults) | 0,1,3 | 62.00 [60.00-64.00] | 67.00 | 0.600 | 10 | 100 | 1.0 |" in text
+    assert "| P20 | b | (defaults) | 0 | 60.00 | — | — | 0 | 100 | 1.0 |" in text
+
+
+def test_placeholder_mask_marks_every_piece_of_unk(smollm2):
+    """`<unk>` spans three tokens here, the last one merged with the comma after it; nothing else is marked."""
+    from bench.dev import placeholder_mask
+    from llama_pruning.data import tokenize_text
+
+    _, tokenizer = smollm2
+    ids = tokenize_text(tokenizer, " the <unk> of <unk>, a <b>")
+    assert tokenizer.convert_ids_to_tokens(ids.tolist())[5:8] == ["Ġ<", "unk", ">,"]
+    mask = placeholder_mask(tokenizer, ids[None])
+    assert mask[0].tolist() == [tokenizer.decode([t]) in (" <", "unk", ">", ">,") for t in ids.tolist()][:6] + \
+        [True, True] + [False] * (len(ids) - 8)
+    assert mask.sum() == 6
+
+
+class _Copier(torch.nn.Module):
+    """A fake causal LM: uniform logits, or (copy=True) a sharp guess of the token COPY_LEN positions back."""
+
+    def __init__(self, vocab: int, copy: bool):
+        super().__init__()
+        self.vocab, self.copy = vocab, copy
+
+    def forward(self, input_ids, use_cache=False):
+        from bench.dev import COPY_LEN
+
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        if self.copy:  # position t predicts token t + 1, which repeats token t + 1 - COPY_LEN
+            logits[:, COPY_LEN - 1:-1].scatter_(2, input_ids[:, :-COPY_LEN, None], 100.0)
+        return SimpleNamespace(logits=logits)
+
+
+def test_dev_scores_are_exact_for_uniform_and_copying_models():
+    from bench.dev import copy_snippets, dev_scores
+
+    vocab = 50
+    windows = torch.randint(0, vocab, (64, 128), generator=torch.Generator().manual_seed(0))
+    placeholders = torch.zeros(windows.shape, dtype=torch.bool)
+    placeholders[:, 1::2] = True
+    uniform = dev_scores(_Copier(vocab, copy=False), windows, placeholders)
+    assert uniform == {"dev PPL": pytest.approx(vocab), "clean dev PPL": pytest.approx(vocab),
+                       "copy NLL": pytest.approx(math.log(vocab), abs=1e-4)}
+    assert dev_scores(_Copier(vocab, copy=True), windows, placeholders)["copy NLL"] < 1e-6
+    # on repeated text the copier is perfect from target COPY_LEN on; targets 1..30 are marked as placeholders,
+    # so the clean PPL averages target 31 (uniform, log vocab) with 96 perfect ones
+    repeated = copy_snippets(windows)
+    marks = torch.zeros(repeated.shape, dtype=torch.bool)
+    marks[:, :31] = True
+    clean = dev_scores(_Copier(vocab, copy=True), repeated, marks)["clean dev PPL"]
+    assert clean == pytest.approx(math.exp(math.log(vocab) / 97), abs=1e-4)
