@@ -18,13 +18,10 @@ with calibration seed s; its saved model is scored on the dev windows, then dele
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
-import itertools
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -76,20 +73,6 @@ def dev_windows(tokenizer) -> torch.Tensor:
     if windows_sha256(windows) != split["scored_sha256"]:
         raise SystemExit(f"{SPLIT}: the dev windows' tokens changed (another text or tokenizer?)")
     return windows
-
-
-def placeholder_mask(tokenizer, windows: torch.Tensor, placeholder: str = PLACEHOLDER) -> torch.Tensor:
-    """True for the tokens whose text overlaps an occurrence of `placeholder` (its pieces, merged punctuation included)."""
-    mask = torch.zeros(windows.shape, dtype=torch.bool)
-    for i, ids in enumerate(windows.tolist()):
-        pieces = [tokenizer.decode([t]) for t in ids]
-        ends = list(itertools.accumulate(len(p) for p in pieces))
-        text = "".join(pieces)
-        for match in re.finditer(re.escape(placeholder), text):
-            first = bisect.bisect_right(ends, match.start())
-            last = bisect.bisect_left(ends, match.end())
-            mask[i, first:last + 1] = True
-    return mask
 
 
 def copy_snippets(windows: torch.Tensor) -> torch.Tensor:
@@ -197,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         parser.error("run needs a row NAME")
     windows = dev_windows(tokenizer)
-    placeholders = placeholder_mask(tokenizer, windows)
+    from llama_pruning.data import text_mask
+
+    placeholders = text_mask(tokenizer, windows, PLACEHOLDER)
     for seed in args.seeds:
         row = run_seed(args.name, args.point, seed, flags, windows, placeholders)
         with RESULTS.open("a") as handle:

@@ -48,6 +48,7 @@ class InputStats:
     Used as a forward pre-hook, so activations are reduced batch by batch and never stored. With
     `out_dim`, it also accumulates X^T D and the sums of D for a drift D (tokens x out_dim) handed to
     `add_drift` after each forward: the gap between the dense model's residual stream and the pruned one's.
+    `keep` (0/1 per token of the next forward, None: all) zeroes the rows of left-out tokens and does not count them.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, out_dim: int | None = None):
@@ -57,12 +58,18 @@ class InputStats:
         self.cross = None if out_dim is None else torch.zeros(dim, out_dim, dtype=dtype, device=device)
         self.drift_sum = None if out_dim is None else torch.zeros(out_dim, dtype=dtype, device=device)
         self._last: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as (tokens, features) in the statistics' dtype, the left-out tokens' rows zeroed."""
+        t = t.reshape(-1, t.shape[-1]).to(self.gram.dtype)
+        return t if self.keep is None else t * self.keep.reshape(-1, 1).to(t)
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).to(self.gram.dtype)
+        x = self._rows(args[0])
         self.gram.addmm_(x.T, x)
         self.sum += x.sum(0)
-        self.count += x.shape[0]
+        self.count += x.shape[0] if self.keep is None else int(self.keep.sum())
         if self.cross is not None:
             self._last = x
 
@@ -72,7 +79,7 @@ class InputStats:
 
     def add_drift(self, drift: torch.Tensor) -> None:
         """Pair the drift of the last forward's tokens with that forward's inputs."""
-        d = drift.reshape(-1, drift.shape[-1]).to(self.gram.dtype)
+        d = self._rows(drift)
         self.cross.addmm_(self._last.T, d)
         self.drift_sum += d.sum(0)
         self._last = None
@@ -181,12 +188,16 @@ def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor, autocast: bo
 
 
 def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
-              dense_hidden: list[torch.Tensor] | None, step: Callable[[], object], dense_block=None) -> None:
+              dense_hidden: list[torch.Tensor] | None, step: Callable[[], object], dense_block=None,
+              keep: list[torch.Tensor] | None = None) -> None:
     """Run the uncut `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
     with a dense stream, advance it through `dense_block` (default: the same block) and record the drift
-    between the two outputs. `step` is called after each batch (the progress bar)."""
+    between the two outputs. `step` is called after each batch (the progress bar); `keep`: per batch, the
+    tokens the statistics count (None: all)."""
     dense_block = dense_block or block
     for b, x in enumerate(hidden):
+        if stats is not None and keep is not None:
+            stats.keep = keep[b]
         if stats is not None:
             handle = module.register_forward_pre_hook(stats)
             try:
@@ -202,21 +213,23 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
 
 @torch.no_grad()
 def input_correction(norm: nn.Module, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor], ridge: float,
-                     solve_dtype: torch.dtype) -> torch.Tensor:
+                     solve_dtype: torch.dtype, keep: list[torch.Tensor] | None = None) -> torch.Tensor:
     """M such that W + W M^T is the ridge least-squares re-fit of any linear reading norm(h) toward its dense input.
 
     With P = norm(pruned stream) and D = norm(dense stream) over the calibration tokens, W'^T = argmin
     ||P W'^T - D W^T||^2 + lam ||W' - W||^2 = W^T + (P^T P + lam I)^-1 P^T (D - P) W^T; one M serves every
-    projection that reads the same normed input (q/k/v, gate/up). lam as in `compensate`.
+    projection that reads the same normed input (q/k/v, gate/up). lam as in `compensate`; `keep` as in `_fit_pass`.
     """
     gram = cross = None
     count = 0
-    for x, y in zip(hidden, dense_hidden, strict=True):
+    for b, (x, y) in enumerate(zip(hidden, dense_hidden, strict=True)):
         p = norm(x).reshape(-1, x.shape[-1]).to(solve_dtype)
         d = norm(y).reshape(-1, y.shape[-1]).to(solve_dtype)
+        if keep is not None:
+            p, d = p * keep[b].reshape(-1, 1).to(p), d * keep[b].reshape(-1, 1).to(d)
         gram = p.T @ p if gram is None else gram.addmm_(p.T, p)
         cross = p.T @ d if cross is None else cross.addmm_(p.T, d)
-        count += p.shape[0]
+        count += p.shape[0] if keep is None else int(keep[b].sum())
     cross -= gram
     gram.diagonal().add_(ridge * gram.diagonal().mean() / count)
     return _spd_solve(gram, cross)
@@ -246,6 +259,7 @@ def _reconstruct_layer(
     advance: bool = True,
     autocast: bool = False,
     dense: nn.Module | None = None,
+    keep: list[torch.Tensor] | None = None,
 ) -> None:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place
     (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway).
@@ -255,7 +269,8 @@ def _reconstruct_layer(
     `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
     (`input_correction`); the dense stream keeps the original weights. `autocast`: the layer forwards in bfloat16
     autocast (the statistics still accumulate in float32). `dense`: an uncut copy of the layer the caller holds anyway,
-    read (never changed) instead of copying its attention or MLP again.
+    read (never changed) instead of copying its attention or MLP again. `keep`: per batch, 0/1 for the tokens the
+    statistics count (None: all).
     """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
@@ -269,7 +284,7 @@ def _reconstruct_layer(
     dense_attn = attn
     if correct and plan.attn_groups[index]:
         dense_attn = dense.self_attn if dense is not None else copy.deepcopy(attn)
-        m = input_correction(layer.input_layernorm, hidden, dense_hidden, ridge, solve_dtype)
+        m = input_correction(layer.input_layernorm, hidden, dense_hidden, ridge, solve_dtype, keep)
         correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
         del m
 
@@ -278,7 +293,7 @@ def _reconstruct_layer(
     dense_o = attn.o_proj.weight if attn_cut else None
     _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b], autocast), attn.o_proj, o_stats,
               hidden, dense_hidden, step,
-              lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b], autocast))
+              lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b], autocast), keep)
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     correct_mlp = correct and bool(plan.mlp_channels[index])
     dense_mlp = layer.mlp
@@ -295,14 +310,14 @@ def _reconstruct_layer(
     # the uncut MLP's down_proj input, on the residual stream after the *pruned* attention
     fit_mlp = dense_mlp
     if correct_mlp:
-        m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype)
+        m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype, keep)
         fit_mlp = copy.deepcopy(dense_mlp) if mlp_cut else layer.mlp
         targets = [fit_mlp] if fit_mlp is layer.mlp else [fit_mlp, layer.mlp]
         correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
         del m
     m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
     _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x, autocast), fit_mlp.down_proj, m_stats, hidden,
-              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast))
+              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,
@@ -314,13 +329,14 @@ def _reconstruct_layer(
 
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
                  epochs: float, lr: float, step: Callable[[], object] = lambda: None,
-                 autocast: bool = False) -> tuple[float, float]:
+                 autocast: bool = False, keep: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """Block-local distillation: Adam on every weight of the cut `layer` so its outputs on `inputs` approach `targets`.
 
     One step per micro-batch, in order, for `epochs` passes (cosine-decayed `lr`), in float32 whatever the layer's dtype
     (it is cast back); `autocast`: the layer's matmuls in bfloat16 (weights, loss and Adam stay float32). The linear
     re-fit has already placed o_proj / down_proj at their optimum for the current q/k/v and gate/up; these steps move
-    all of them jointly. Returns the mean squared error of the first and last pass.
+    all of them jointly; `keep` (per batch, 0/1 per token) leaves tokens out of the loss. Returns the mean squared error
+    of the first and last pass.
     """
     steps = max(1, round(epochs * len(inputs)))
     dtype = next(layer.parameters()).dtype
@@ -339,7 +355,12 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
                 b = k % len(inputs)
                 with _bf16(autocast, inputs[b].device):
                     out = run_layer(layer, inputs[b].float(), kwargs[b])
-                loss = (out.float() - targets[b].float()).square().mean()
+                error = (out.float() - targets[b].float()).square()
+                if keep is None:
+                    loss = error.mean()
+                else:
+                    weight = keep[b].to(error)[..., None]
+                    loss = (error * weight).sum() / (weight.sum().clamp_min(1) * error.shape[-1])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -383,7 +404,7 @@ def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
 
 def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float,
-                input_weight: float, block_epochs: float, block_lr: float) -> None:
+                input_weight: float, block_epochs: float, block_lr: float, ignore: torch.Tensor | None = None) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -401,6 +422,10 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
         raise ReconstructionError(f"drift_weight must be in [0, 1], got {drift_weight}")
     if not 0 <= input_weight <= 1:
         raise ReconstructionError(f"input_weight must be in [0, 1], got {input_weight}")
+    if ignore is not None and (ignore.dtype != torch.bool or ignore.shape != samples.shape):
+        raise ReconstructionError(f"ignore must be a bool mask shaped like the samples {tuple(samples.shape)}")
+    if ignore is not None and bool(ignore.all()):
+        raise ReconstructionError("ignore leaves out every calibration token: nothing is left to fit")
     if mode == "block" and not (0 < block_epochs < math.inf and 0 < block_lr < math.inf):
         raise ReconstructionError(f"block_epochs and block_lr must be > 0, got {block_epochs} and {block_lr}")
 
@@ -420,6 +445,7 @@ def prune_with_reconstruction(
     block_epochs: float = DEFAULT_BLOCK_EPOCHS,
     block_lr: float = DEFAULT_BLOCK_LR,
     block_autocast: bool | None = None,
+    ignore: torch.Tensor | None = None,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -437,8 +463,10 @@ def prune_with_reconstruction(
     layer for `block_epochs` passes over the calibration batches at Adam rate `block_lr`, toward the same target, the
     matmuls of its steps and of its forward passes in bfloat16 autocast when `block_autocast` (None: where the device
     multiplies bfloat16 natively; its statistics and solves stay float32/`solve_dtype`, `lsq` and `bias` never round).
+    `ignore` (bool, shaped like `samples`): tokens left out of every statistic and of the block loss, e.g. placeholders
+    such as `<unk>` that the text the model will see does not hold (they still pass through the layers as context).
     """
-    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr)
+    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr, ignore)
     if mode == "none":
         return apply_plan(model, plan)
     check_plan(model, plan)
@@ -453,6 +481,7 @@ def prune_with_reconstruction(
         with torch.no_grad():
             hidden, kwargs = capture_layer_inputs(model, samples, batch_size)
             hidden = send_to_device(hidden, device)  # no other name keeps the first layer's inputs alive
+            keep = None if ignore is None else [(~m).float().to(device) for m in ignore.split(batch_size)]
             dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
             refined = _refined_layers(plan) if mode == "block" else []
@@ -472,14 +501,14 @@ def prune_with_reconstruction(
                         layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
                         _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
                                            solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
-                                           advance=not refine, autocast=autocast, dense=dense_layer)
+                                           advance=not refine, autocast=autocast, dense=dense_layer, keep=keep)
                         if refine:
                             hidden.clear()  # the stream after the cut attention is dead: the refined outputs replace it
                             targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight,
                                                      autocast)
                             del dense_layer
                             refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
-                                         bar.update, autocast)
+                                         bar.update, autocast, keep)
                             del targets
                             hidden[:] = _layer_outputs(layers[i], layer_inputs, layer_kwargs, autocast)
     finally:

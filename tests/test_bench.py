@@ -90,18 +90,15 @@ def test_dev_report_averages_seeds(tmp_path):
     assert "| P20 | b | (defaults) | 0 | 60.00 | — | — | 0 | 100 | 1.0 |" in text
 
 
-def test_placeholder_mask_marks_every_piece_of_unk(smollm2):
+def test_text_mask_marks_every_piece_of_unk(smollm2):
     """`<unk>` spans three tokens here, the last one merged with the comma after it; nothing else is marked."""
-    from bench.dev import placeholder_mask
-    from llama_pruning.data import tokenize_text
+    from llama_pruning.data import text_mask, tokenize_text
 
     _, tokenizer = smollm2
     ids = tokenize_text(tokenizer, " the <unk> of <unk>, a <b>")
-    assert tokenizer.convert_ids_to_tokens(ids.tolist())[5:8] == ["Ġ<", "unk", ">,"]
-    mask = placeholder_mask(tokenizer, ids[None])
-    assert mask[0].tolist() == [tokenizer.decode([t]) in (" <", "unk", ">", ">,") for t in ids.tolist()][:6] + \
-        [True, True] + [False] * (len(ids) - 8)
-    assert mask.sum() == 6
+    pieces = tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert pieces[:9] == ["Ġthe", "Ġ<", "unk", ">", "Ġof", "Ġ<", "unk", ">,", "Ġa"]
+    assert text_mask(tokenizer, ids[None], "<unk>")[0].tolist() == [0, 1, 1, 1, 0, 1, 1, 1] + [0] * (len(ids) - 8)
 
 
 class _Copier(torch.nn.Module):

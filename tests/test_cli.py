@@ -54,11 +54,12 @@ def test_global_iterative_steps(tmp_path, data_dir, capsys):
     out = tmp_path / "runs"
     code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "it", "--pruning_ratio", "0.1",
                  "--importance_method", "taylor", "--reconstruct", "lsq", "--reconstruct_samples", "4",
-                 "--iterative_steps", "2", *FAST])
+                 "--iterative_steps", "2", "--reconstruct_ignore", "<unk>", *FAST])
     assert code == 0
     log = next((out / "it").glob("2*/training.log")).read_text()
     assert log.count("iterative step 1/2: cutting to 1/2 of the target") == 1
     assert log.count("cutting with lsq reconstruction on 4 x 32 tokens") == 2
+    assert log.count("those overlapping '<unk>'") == 2  # every step's fit leaves the placeholders out
     metrics = json.loads((out / "it" / "metrics.json").read_text())
     assert abs(1 - metrics["params_after"] / metrics["params_before"] - 0.1) < 0.002
     plan = json.loads((out / "it" / "pruning_plan.json").read_text())
@@ -118,6 +119,7 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--cut_penalty", "inf"], "must be >= 0 and finite"),
     (["global_pruning.py", "--cut_penalty", "high"], "invalid non_negative_or_auto value"),
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
+    (["global_pruning.py", "--reconstruct_ignore", " "], "must not be empty"),
     (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
     (["global_pruning.py", "--iterative_steps", "2", "--remove_empty_layers"], "drop --remove_empty_layers"),
@@ -136,7 +138,8 @@ def test_help_lists_every_flag():
                    "--test_after_prune", "--save_model", "--device", "--seed", "--plan", "--save_dtype", "--round_to",
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
-                   "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty"],
+                   "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty",
+                   "--reconstruct_ignore"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

@@ -399,6 +399,9 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite(mode):
         ({"input_weight": -0.5}, "input_weight must be in"),
         ({"mode": "block", "block_lr": 0.0}, "block_epochs and block_lr must be > 0"),
         ({"mode": "block", "block_epochs": float("nan")}, "block_epochs and block_lr must be > 0"),
+        ({"ignore": torch.zeros(2, 8)}, "ignore must be a bool mask"),
+        ({"ignore": torch.zeros(2, 7, dtype=torch.bool)}, "ignore must be a bool mask"),
+        ({"ignore": torch.ones(2, 8, dtype=torch.bool)}, "leaves out every calibration token"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):
@@ -406,6 +409,56 @@ def test_bad_arguments_raise_one_line_errors(kwargs, message):
     args = {"samples": _ids(2, 8, 0), "mode": "lsq"} | kwargs
     with pytest.raises(ReconstructionError, match=message):
         prune_with_reconstruction(dense, random_plan(dense), progress=False, **args)
+
+
+def test_left_out_tokens_are_absent_from_the_statistics():
+    """`keep` gives exactly the Gram, sums, count and X^T D of the kept rows alone (integer data: exact in float64)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-4, 5, (12, 5), generator=gen).to(F64)
+    d = torch.randint(-4, 5, (12, 3), generator=gen).to(F64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=F64)
+    masked = InputStats(5, F64, x.device, 3)
+    masked.keep = keep
+    masked(None, (x,))
+    masked.add_drift(d)
+    rows = keep.bool()
+    plain = _stats(x[rows], d[rows])
+    assert masked.count == plain.count == 8
+    for name in ("gram", "sum", "cross", "drift_sum"):
+        assert torch.equal(getattr(masked, name), getattr(plain, name)), name
+
+
+@pytest.mark.parametrize("mode", ["lsq", "block"])
+def test_ignore_nothing_changes_nothing_and_ignored_targets_do_not_matter(mode):
+    """An all-False `ignore` gives bit-identical weights; with tokens ignored, the weights differ, and the block loss
+    does not read the ignored tokens' targets (refine_layer gives the same weights whatever they hold)."""
+    dense = tiny_model(layers=2)
+    plan = _partial_plan(dense, seed=3)
+    calib = _ids(8, 16, seed=0)
+    none = torch.zeros(calib.shape, dtype=torch.bool)
+    some = torch.rand(calib.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    runs = {name: prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False, batch_size=4,
+                                            ignore=ignore).state_dict()
+            for name, ignore in (("default", None), ("none", none), ("some", some))}
+    assert all(torch.equal(v, runs["none"][k]) for k, v in runs["default"].items())
+    assert any(not torch.equal(v, runs["some"][k]) for k, v in runs["default"].items())
+
+    layer = decoder_layers(dense)[0]
+    records = []
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: records.append((a[0], kw)), with_kwargs=True)
+    with torch.no_grad():
+        dense(calib, use_cache=False)
+    hook.remove()
+    inputs, kwargs = [x for x, _ in records], [kw for _, kw in records]
+    keep = [(~some).float()]
+    targets = [torch.randn(x.shape, generator=torch.Generator().manual_seed(2)) for x in inputs]
+    garbage = [t.masked_fill(some[..., None], 1e6) for t in targets]
+    refined = []
+    for target in (targets, garbage):
+        copy_ = copy.deepcopy(layer)
+        refine_layer(copy_, inputs, target, kwargs, epochs=3, lr=1e-3, keep=keep)
+        refined.append(copy_.state_dict())
+    assert all(torch.equal(v, refined[1][k]) for k, v in refined[0].items())
 
 
 def test_singular_gram_without_ridge_is_reported():

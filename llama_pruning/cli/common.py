@@ -103,6 +103,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_empty(text: str) -> str:
+    """argparse type for a text that must not be empty (or only spaces)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def max_memory(text: str) -> dict:
     """argparse type for --max_memory (llama_pruning.placement.parse_max_memory)."""
     from llama_pruning.placement import parse_max_memory
@@ -195,6 +202,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
                         f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
+    p.add_argument("--reconstruct_ignore", type=non_empty, default=None, metavar="TEXT",
+                   help="leave the calibration tokens overlapping TEXT out of the reconstruction's statistics and loss "
+                        "(e.g. '<unk>', the placeholder of wikitext-2's tokenized release; they stay in as context)")
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
@@ -447,7 +457,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
 def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer, samples: torch.Tensor | None,
         log: Callable[[str], object]) -> None:
     """Cut `model` to `plan` in place with the run's reconstruction, on its own calibration draw when it needs more windows."""
-    from llama_pruning.data import get_calibration_samples
+    from llama_pruning.data import get_calibration_samples, text_mask
     from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.surgery import apply_plan
 
@@ -460,11 +470,17 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
         f"drift {args.reconstruct_drift})")
+    ignore = None
+    if args.reconstruct_ignore is not None:
+        ignore = text_mask(tokenizer, samples, args.reconstruct_ignore)
+        log(f"left out of the fit: {int(ignore.sum()):,} of {ignore.numel():,} tokens ({ignore.float().mean():.1%}), "
+            f"those overlapping {args.reconstruct_ignore!r}")
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
                               block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
-                              block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast])
+                              block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast],
+                              ignore=ignore)
 
 
 def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, report: dict, spec, groups,

@@ -1,6 +1,12 @@
 """Text sources (named corpora, local files, the offline folder) and token windows for calibration and PPL."""
 
-from llama_pruning.data.calibration import calibration_indices, get_calibration_samples, split_windows, tokenize_text
+from llama_pruning.data.calibration import (
+    calibration_indices,
+    get_calibration_samples,
+    split_windows,
+    text_mask,
+    tokenize_text,
+)
 from llama_pruning.data.sources import (
     DATA_ENV,
     DATASETS,
@@ -22,5 +28,6 @@ __all__ = [
     "get_text_rows",
     "load_text",
     "split_windows",
+    "text_mask",
     "tokenize_text",
 ]

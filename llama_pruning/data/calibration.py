@@ -8,6 +8,10 @@ never overlap; a seeded permutation picks which ones, skipping any whose tokens 
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import re
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -72,3 +76,15 @@ def get_calibration_samples(
         f"{source.origin} has {ids.numel()} tokens, {len(chosen)} distinct windows of {seq_len}: too few for "
         f"{num_samples} samples; lower num_samples or seq_len, or use a larger text"
     )
+
+
+def text_mask(tokenizer: PreTrainedTokenizerBase, windows: torch.Tensor, text: str) -> torch.BoolTensor:
+    """True for the tokens of `windows` whose decoded text overlaps an occurrence of `text` (e.g. the `<unk>`
+    placeholders of wikitext-2's tokenized release: their pieces, a piece merged with the next punctuation included)."""
+    mask = torch.zeros(windows.shape, dtype=torch.bool)
+    for i, ids in enumerate(windows.tolist()):
+        pieces = [tokenizer.decode([t]) for t in ids]
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        for match in re.finditer(re.escape(text), "".join(pieces)):
+            mask[i, bisect.bisect_right(ends, match.start()):bisect.bisect_left(ends, match.end()) + 1] = True
+    return mask
