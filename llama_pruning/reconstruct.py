@@ -196,9 +196,8 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
     tokens the statistics count (None: all)."""
     dense_block = dense_block or block
     for b, x in enumerate(hidden):
-        if stats is not None and keep is not None:
-            stats.keep = keep[b]
         if stats is not None:
+            stats.keep = None if keep is None else keep[b]
             handle = module.register_forward_pre_hook(stats)
             try:
                 out = block(x, b)
