@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers import AutoTokenizer
 
+    from llama_pruning.data import text_mask
     from llama_pruning.models.loading import smollm2_hf_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())  # the tokenizer alone, not the model
@@ -180,8 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.name:
         parser.error("run needs a row NAME")
     windows = dev_windows(tokenizer)
-    from llama_pruning.data import text_mask
-
     placeholders = text_mask(tokenizer, windows, PLACEHOLDER)
     for seed in args.seeds:
         row = run_seed(args.name, args.point, seed, flags, windows, placeholders)
