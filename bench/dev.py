@@ -29,7 +29,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.quality import POINTS as RATIOS  # 20 / 30 / 50 % of SmolLM2's decoder-layer parameters
 
@@ -84,21 +83,12 @@ def copy_snippets(windows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_nll(model, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Next-token NLL per target, `[n, seq_len - 1]`, in float64."""
-    out = []
-    for batch in windows.split(batch_size):
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
-        out.append(nll.view(len(batch), -1).double())
-    return torch.cat(out)
-
-
 def dev_scores(model, windows: torch.Tensor, placeholders: torch.Tensor) -> dict:
     """Dev PPL, clean dev PPL (targets outside placeholders) and copy NLL (targets in copies 2..COPIES)."""
-    model.eval()
-    nll = token_nll(model, windows)
-    copies = token_nll(model, copy_snippets(windows))[:, COPY_LEN - 1:]
+    from llama_pruning.evaluation import window_nll
+
+    nll = window_nll(model, windows, device="cpu", desc="dev")
+    copies = window_nll(model, copy_snippets(windows), device="cpu", desc="copies")[:, COPY_LEN - 1:]
     return {"dev PPL": round(math.exp(nll.mean().item()), 4),
             "clean dev PPL": round(math.exp(nll[~placeholders[:, 1:]].mean().item()), 4),
             "copy NLL": round(copies.mean().item(), 4)}

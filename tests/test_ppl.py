@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_pruning.data import DataError
-from llama_pruning.evaluation import PPLMetric
+from llama_pruning.evaluation import PPLMetric, window_nll, window_perplexity
 from tests.test_data import word_tokenizer
 from tests.tiny import tiny_model
 
@@ -59,6 +59,19 @@ def test_ppl_windows_batches_and_keys(corpus):
     with torch.no_grad():
         head = F.cross_entropy(logits[:2, :-1].reshape(-1, logits.shape[-1]), windows[:2, 1:].reshape(-1))
     assert first == pytest.approx(math.exp(head.item()), rel=1e-5)
+
+
+def test_window_nll_is_per_target_and_batch_independent():
+    model = tiny_model()
+    windows = torch.randint(0, 97, (5, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(windows).logits
+    expected = F.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none")
+    nll = window_nll(model, windows, batch_size=2)
+    assert nll.shape == (5, 15) and nll.dtype == torch.float64
+    torch.testing.assert_close(nll.float(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(window_nll(model, windows, batch_size=5), nll, rtol=1e-5, atol=1e-6)
+    assert window_perplexity(model, windows, batch_size=2) == math.exp(nll.mean().item())
 
 
 def test_ppl_restores_training_mode_and_runs_on_given_device(corpus):

@@ -21,6 +21,34 @@ from llama_pruning import placement
 from llama_pruning.data import DataError, load_text, split_windows, tokenize_text
 
 
+def window_nll(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 4,
+    device: torch.device | str | None = None,
+    desc: str = "perplexity",
+) -> torch.Tensor:
+    """Next-token NLL of every target of a `[n, seq_len]` tensor of token windows, `[n, seq_len - 1]` float64."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+    if len(windows) == 0:
+        raise DataError(f"{desc}: no window to evaluate")
+    device = placement.run_device(model, device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch"):
+                batch = batch.to(device)
+                logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+                out.append(nll.view(len(batch), -1).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
 def window_perplexity(
     model: nn.Module,
     windows: torch.Tensor,
@@ -29,27 +57,7 @@ def window_perplexity(
     desc: str = "perplexity",
 ) -> float:
     """exp(mean next-token NLL) of a `[n, seq_len]` tensor of token windows, NLL summed in float64."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
-    if len(windows) == 0:
-        raise DataError(f"{desc}: no window to evaluate")
-    device = placement.run_device(model, device)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch"):
-                batch = batch.to(device)
-                logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-                targets = batch[:, 1:]
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                      reduction="sum")
-                total += nll.item()
-                count += targets.numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)
+    return math.exp(window_nll(model, windows, batch_size, device, desc).mean().item())
 
 
 def PPLMetric(  # noqa: N802 - the name users of LLM-Pruner know
