@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pruning.cli.main import build_parser, main
-from llama_pruning.options import reconstruct_windows
+from llama_pruning.options import reconstruct_windows, resolve_ignore
 from llama_pruning.selection.global_knapsack import resolve_cut_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,10 @@ def test_importance_and_reconstruction_defaults_per_command():
     assert [resolve_cut_penalty(ns.cut_penalty, ns.importance_method)
             for ns in (default, parse("global", "--importance_method", "taylor"), parse("global", "--cut_penalty", "0"),
                        parse("global", "--importance_method", "wanda", "--cut_penalty", "2.5"))] == [1.0, 0.0, 0.0, 2.5]
+    # the text whose tokens leave the fit: '<unk>' for block (chosen on dev), nothing for lsq, none, a given text
+    assert [resolve_ignore(ns.reconstruct_ignore, ns.reconstruct)
+            for ns in (default, layer, parse("global", "--reconstruct_ignore", "none"),
+                       parse("layer", "--reconstruct_ignore", "@@"))] == ["<unk>", None, None, "@@"]
 
 
 def test_help_shows_defaults_without_importing_torch():

@@ -33,6 +33,7 @@ from llama_pruning.options import (
     OUTTYPES,
     TAYLOR_2ND_VARIANTS,
     reconstruct_windows,
+    resolve_ignore,
 )
 
 if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `--help` answers at once
@@ -202,9 +203,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
                         f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
-    p.add_argument("--reconstruct_ignore", type=non_empty, default=None, metavar="TEXT",
-                   help="leave the calibration tokens overlapping TEXT out of the reconstruction's statistics and loss "
-                        "(e.g. '<unk>', the placeholder of wikitext-2's tokenized release; they stay in as context)")
+    p.add_argument("--reconstruct_ignore", type=non_empty, default="auto", metavar="TEXT",
+                   help="leave the calibration tokens overlapping TEXT out of the reconstruction's statistics and loss; "
+                        "they stay in as context (auto: '<unk>', the placeholder of wikitext-2's tokenized release, "
+                        "for block, nothing for the other modes; none: nothing)")
     p = parser.add_argument_group("evaluation and output")
     p.add_argument("--test_before_prune", action="store_true", help="wikitext-2 perplexity of the dense model")
     p.add_argument("--test_after_prune", action="store_true", help="wikitext-2 perplexity of the pruned model")
@@ -470,11 +472,11 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
         f"drift {args.reconstruct_drift})")
-    ignore = None
-    if args.reconstruct_ignore is not None:
-        ignore = text_mask(tokenizer, samples, args.reconstruct_ignore)
+    ignore, text = None, resolve_ignore(args.reconstruct_ignore, args.reconstruct)
+    if text is not None:
+        ignore = text_mask(tokenizer, samples, text)
         log(f"left out of the fit: {int(ignore.sum()):,} of {ignore.numel():,} tokens ({ignore.float().mean():.1%}), "
-            f"those overlapping {args.reconstruct_ignore!r}")
+            f"those overlapping {text!r}")
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
