@@ -8,6 +8,7 @@ DEFAULT_MODEL = "smollm2-135m"
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # importance.unit / importance.layer
 METHODS = ("taylor", "taylor_2nd", "wanda", "magnitude", "random", "obs")
+GRADIENT_METHODS = ("taylor", "taylor_2nd", "obs")  # a loss decides their scores: --importance_ignore can leave tokens out
 TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
 DEFAULT_TAYLOR_2ND_VARIANT = "mix"
 LAYER_METHODS = ("block_influence", "removal", "taylor")

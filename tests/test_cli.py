@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +55,13 @@ def test_global_iterative_steps(tmp_path, data_dir, capsys):
     out = tmp_path / "runs"
     code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "it", "--pruning_ratio", "0.1",
                  "--importance_method", "taylor", "--reconstruct", "lsq", "--reconstruct_samples", "4",
-                 "--iterative_steps", "2", "--reconstruct_ignore", "<unk>", *FAST])
+                 "--iterative_steps", "2", "--reconstruct_ignore", "<unk>", "--importance_ignore", "<unk>", *FAST])
     assert code == 0
     log = next((out / "it").glob("2*/training.log")).read_text()
     assert log.count("iterative step 1/2: cutting to 1/2 of the target") == 1
     assert log.count("cutting with lsq reconstruction on 4 x 32 tokens") == 2
-    assert log.count("those overlapping '<unk>'") == 2  # every step's fit leaves the placeholders out
+    assert log.count("left out of the fit") == 2  # every step's fit leaves the placeholders out
+    assert log.count("left out of the importance loss") == 1  # drawn once: the re-scoring steps reuse the mask
     metrics = json.loads((out / "it" / "metrics.json").read_text())
     assert abs(1 - metrics["params_after"] / metrics["params_before"] - 0.1) < 0.002
     plan = json.loads((out / "it" / "pruning_plan.json").read_text())
@@ -67,6 +69,18 @@ def test_global_iterative_steps(tmp_path, data_dir, capsys):
     code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "r", "--plan",
                  str(out / "it" / "pruning_plan.json"), "--iterative_steps", "2", *FAST])
     assert code == 2 and "a replayed --plan has them already" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_global_block_default_leaves_placeholders_out(tmp_path, data_dir):
+    """The default reconstruction (block) leaves the calibration's `<unk>` pieces out of its fit, and says how many."""
+    out = tmp_path / "runs"
+    code = main(["global", "--output_root", str(out), "--save_ckpt_log_name", "b", "--pruning_ratio", "0.05",
+                 "--reconstruct_samples", "4", *FAST])
+    assert code == 0
+    log = next((out / "b").glob("2*/training.log")).read_text()
+    assert log.count("cutting with block reconstruction on 4 x 32 tokens") == 1
+    assert re.search(r"left out of the fit: [1-9][\d,]* of 128 tokens \(.*\), those overlapping '<unk>'", log), log
 
 
 @pytest.mark.slow
@@ -120,6 +134,8 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--cut_penalty", "high"], "invalid non_negative_or_auto value"),
     (["global_pruning.py", "--reconstruct_samples", "0"], "must be a positive integer"),
     (["global_pruning.py", "--reconstruct_ignore", " "], "must not be empty"),
+    (["layer_pruning.py", "--importance_method", "wanda", "--importance_ignore", "<unk>"],
+     "applies to taylor, taylor_2nd, obs, not wanda"),
     (["global_pruning.py", "--reconstruct_lr", "0"], "must be > 0"),
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
     (["global_pruning.py", "--iterative_steps", "2", "--remove_empty_layers"], "drop --remove_empty_layers"),
@@ -139,7 +155,7 @@ def test_help_lists_every_flag():
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
                    "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty",
-                   "--reconstruct_ignore"],
+                   "--reconstruct_ignore", "--importance_ignore"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

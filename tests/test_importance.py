@@ -158,6 +158,50 @@ def test_taylor_and_taylor_2nd_match_hand_computation(family):
                                rtol=1e-6)
 
 
+def test_ignored_targets_leave_taylor_loss_and_obs_gram():
+    """Taylor with `ignore` is |w g| of the mean NLL over the kept targets; obs's Gram matrices sum the kept rows only;
+    an all-False mask gives exactly the plain tables."""
+    import llama_pruning.importance.obs as obs_module
+
+    model = tiny_model(layers=2, bias=True, intermediate=16, seed=3)
+    samples = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+    ignore = torch.rand(samples.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    logits = model(input_ids=samples).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), samples[:, 1:], reduction="none")
+    nll[~ignore[:, 1:]].mean().backward()
+    g = {k: p.grad for k, p in model.named_parameters()}
+    expected = [sum((w * gr).abs().sum() for w, gr in zip(unit_tensors(model, *unit), unit_tensors(model, *unit, g),
+                                                          strict=True)).item() for unit in all_units(model)]
+    model.zero_grad(set_to_none=True)
+    table = compute_importance(model, samples, "taylor", gradient_batch_size=2, ignore=ignore, progress=False)
+    np.testing.assert_allclose(table.importance, expected, rtol=1e-4, atol=1e-7)
+
+    inputs: dict = {}
+    hooks = [lin.register_forward_hook(lambda m, a, o, name=name: inputs.setdefault(name, []).append(a[0].detach()))
+             for name, lin in model.named_modules() if name.endswith(("o_proj", "down_proj"))]
+    with torch.no_grad():
+        model(input_ids=samples)
+    for hook in hooks:
+        hook.remove()
+    grams = []
+    real = obs_module.greedy_obs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(obs_module, "greedy_obs", lambda w, gram, *a, **k: (grams.append(gram.clone()), real(w, gram, *a, **k))[1])
+        compute_importance(model, samples, "obs", gradient_batch_size=2, ignore=ignore, progress=False)
+    kept = [x[0][~ignore].double() for x in inputs.values()]  # per projection, layer 1 then layer 0 (folding order)
+    expected_grams = [x.T @ x for x in kept]
+    names = list(inputs)
+    order = [names.index(n) for n in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
+                                      "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj")]
+    for gram, i in zip(grams, order, strict=True):
+        torch.testing.assert_close(gram, expected_grams[i], rtol=1e-6, atol=1e-8)
+    none = torch.zeros_like(ignore)
+    for method in ("taylor", "obs"):
+        plain = compute_importance(model, samples, method, gradient_batch_size=2, progress=False)
+        pd.testing.assert_frame_equal(compute_importance(model, samples, method, gradient_batch_size=2, ignore=none,
+                                                         progress=False), plain, check_exact=True)
+
+
 @pytest.mark.parametrize("family", [dict(model_type="llama"), dict(model_type="qwen2", n_rep=3, kv_heads=2)])
 def test_wanda_matches_recorded_activations(family):
     model = tiny_model(layers=2, bias=True, intermediate=16, seed=4, **family)
@@ -295,6 +339,12 @@ def test_bad_input_messages():
         compute_importance(model, ids.float(), "taylor")
     with pytest.raises(ValueError, match="batch size"):
         compute_importance(model, ids, "wanda", gradient_batch_size=0)
+    with pytest.raises(ValueError, match="ignore must be a bool mask shaped like the samples"):
+        compute_importance(model, ids, "taylor", ignore=torch.zeros(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ignore applies to taylor, taylor_2nd, obs, not wanda"):
+        compute_importance(model, ids, "wanda", ignore=torch.zeros(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="every calibration target"):
+        compute_importance(model, ids, "obs", ignore=torch.ones(2, 8, dtype=torch.bool))
     model.config.pruned_layout = [{}]
     with pytest.raises(ValueError, match="already pruned"):
         compute_importance(model, ids, "taylor")
@@ -317,7 +367,12 @@ def test_cache_hit_returns_identical_table_without_recomputing(tmp_path, monkeyp
     again = cached_importance(model, samples, "taylor_2nd", tmp_path, fields, gradient_batch_size=1, progress=False)
     pd.testing.assert_frame_equal(again, first, check_exact=True)
     # anything that changes the table changes the entry
+    ignore = torch.zeros(samples.shape, dtype=torch.bool)
+    pd.testing.assert_frame_equal(cached_importance(model, samples, "taylor_2nd", tmp_path, fields, ignore=ignore,
+                                                    progress=False), first, check_exact=True)  # nothing left out
+    ignore[:, 3] = True
     for other_samples, other_fields, kwargs in ((samples, fields, {"taylor_2nd_variant": "sum"}),
+                                                (samples, fields, {"ignore": ignore}),
                                                 (samples.flip(0), fields, {}),
                                                 (samples, {**fields, "dataset": "other"}, {})):
         with pytest.raises(AssertionError, match="recomputed"):

@@ -28,6 +28,7 @@ from llama_pruning.options import (
     DEFAULT_SAMPLES,
     DEFAULT_TAYLOR_2ND_VARIANT,
     DEVICE_MAPS,
+    GRADIENT_METHODS,
     METHODS,
     MODES,
     OUTTYPES,
@@ -171,6 +172,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--importance_method", choices=METHODS, default=default_importance, help="unit importance metric")
     p.add_argument("--taylor_2nd_variant", choices=TAYLOR_2ND_VARIANTS, default=DEFAULT_TAYLOR_2ND_VARIANT,
                    help="form of the second-order Taylor score (see docs/IMPORTANCE.md)")
+    p.add_argument("--importance_ignore", type=non_empty, default=None, metavar="TEXT",
+                   help="leave the calibration tokens overlapping TEXT out of the importance loss (and obs's Gram "
+                        "matrices); they stay in as context (taylor, taylor_2nd, obs; e.g. '<unk>')")
     p.add_argument("--dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, or a local .txt/.jsonl file")
     p.add_argument("--num_samples", type=positive_int, default=64, help="calibration windows")
@@ -246,14 +250,14 @@ def importance_label(args: argparse.Namespace) -> str:
     return f"{args.importance_method} (units), {layer_method} (layers)"
 
 
-def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor,
+def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ignore: torch.Tensor | None,
                      cached: bool = True) -> pd.DataFrame:
-    """Unit importance for the run's method, from the cache when this (model, data, method) was seen
+    """Unit importance for the run's method, from the cache when this (model, data, method, left-out tokens) was seen
     (`cached` False: a model the cache key cannot tell from the loaded one, e.g. an iterative step's)."""
     from llama_pruning.importance import cached_importance, compute_importance
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
-                  taylor_2nd_variant=args.taylor_2nd_variant)
+                  taylor_2nd_variant=args.taylor_2nd_variant, ignore=ignore)
     cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
     if not cached or cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
@@ -296,6 +300,9 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
     plan = PruningPlan.load(args.plan) if args.plan is not None else None
+    if args.importance_ignore is not None and plan is None and args.importance_method not in GRADIENT_METHODS:
+        raise ValueError(f"--importance_ignore leaves tokens out of a loss: it applies to {', '.join(GRADIENT_METHODS)}, "
+                         f"not {args.importance_method}")
     geometry = config_geometry(check_model(args.base_model, args.trust_remote_code))
     if plan is not None:
         diff = {k: (plan.spec[k], v) for k, v in geometry.items() if plan.spec[k] != v}
@@ -406,14 +413,15 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
             plan.metadata["replayed_from"] = str(args.plan)
         else:
             log(f"importance: {importance_label(args)} on {args.num_samples} x {args.seq_len} tokens of {args.dataset}")
-            table = importance_table(model, args, samples)
+            ignore = left_out(tokenizer, samples, args.importance_ignore, "the importance loss", log)
+            table = importance_table(model, args, samples, ignore)
             if steps == 1:
                 plan, groups, layer_scores = select(model, args, samples, table)
             else:
                 from llama_pruning.iterative import iterative_plan
 
                 plan, groups, layer_scores = iterative_plan(
-                    model, steps, lambda k: table if k == 1 else importance_table(model, args, samples, cached=False),
+                    model, steps, lambda k: table if k == 1 else importance_table(model, args, samples, ignore, cached=False),
                     lambda t, fraction, previous: select(model, args, samples, t, fraction, previous),
                     lambda partial: cut(model, partial, args, tokenizer, samples, log), log=log)
         plan.metadata.update({"command": title, "importance_method": args.importance_method,
@@ -456,10 +464,23 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         run.close()
 
 
+def left_out(tokenizer, samples: torch.Tensor, text: str | None, what: str,
+             log: Callable[[str], object]) -> torch.Tensor | None:
+    """The mask of the calibration tokens overlapping `text` (None: no text), logged as left out of `what`."""
+    from llama_pruning.data import text_mask
+
+    if text is None:
+        return None
+    ignore = text_mask(tokenizer, samples, text)
+    log(f"left out of {what}: {int(ignore.sum()):,} of {ignore.numel():,} tokens ({ignore.float().mean():.1%}), "
+        f"those overlapping {text!r}")
+    return ignore
+
+
 def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer, samples: torch.Tensor | None,
         log: Callable[[str], object]) -> None:
     """Cut `model` to `plan` in place with the run's reconstruction, on its own calibration draw when it needs more windows."""
-    from llama_pruning.data import get_calibration_samples, text_mask
+    from llama_pruning.data import get_calibration_samples
     from llama_pruning.reconstruct import prune_with_reconstruction
     from llama_pruning.surgery import apply_plan
 
@@ -472,11 +493,7 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
         f"drift {args.reconstruct_drift})")
-    ignore, text = None, resolve_ignore(args.reconstruct_ignore, args.reconstruct)
-    if text is not None:
-        ignore = text_mask(tokenizer, samples, text)
-        log(f"left out of the fit: {int(ignore.sum()):,} of {ignore.numel():,} tokens ({ignore.float().mean():.1%}), "
-            f"those overlapping {text!r}")
+    ignore = left_out(tokenizer, samples, resolve_ignore(args.reconstruct_ignore, args.reconstruct), "the fit", log)
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, key_fields: dict | None = None, *,
-                         seed: int = 0, taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT) -> dict:
+                         seed: int = 0, taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
+                         ignore: torch.Tensor | None = None) -> dict:
     """The JSON-serialisable fields that identify one importance table."""
     key = dict(key_fields or {})
     key.update(
@@ -43,6 +44,8 @@ def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, k
         key["variant"] = taylor_2nd_variant
     if method == "random":
         key["random_seed"] = seed
+    if ignore is not None and bool(ignore.any()):  # tokens left out of the scoring pass
+        key["ignore_sha256"] = hashlib.sha256(ignore.cpu().contiguous().numpy().tobytes()).hexdigest()
     if method == "obs":  # its constants change the table, so an edited value must not read an old one
         key.update(obs_damping=DAMPING, obs_chunks=OBS_CHUNKS)
     return key
@@ -64,7 +67,8 @@ def cached_importance(model: nn.Module, samples: torch.Tensor, method: str, cach
     from the file, so a first run and every later hit give bit-identical tables.
     """
     key = importance_cache_key(model, samples, method, key_fields, seed=kwargs.get("seed", 0),
-                               taylor_2nd_variant=kwargs.get("taylor_2nd_variant", DEFAULT_TAYLOR_2ND_VARIANT))
+                               taylor_2nd_variant=kwargs.get("taylor_2nd_variant", DEFAULT_TAYLOR_2ND_VARIANT),
+                               ignore=kwargs.get("ignore"))
     path = cache_path(cache_dir, key)
     if path.is_file():
         logger.info("importance cache hit: %s", path)

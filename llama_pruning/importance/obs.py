@@ -27,8 +27,10 @@ DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) le
 class OBSAccumulator:
     """Per layer: the Gram matrix of o_proj / down_proj inputs and the squared output gradients, then greedy OBS."""
 
-    def __init__(self, model: nn.Module, spec: ModelSpec):
+    def __init__(self, model: nn.Module, spec: ModelSpec, keep: list[torch.Tensor] | None = None):
         self.units = [unit for unit in unit_linears(model, spec) if unit.axis == 1]  # o_proj, down_proj: units = columns
+        self.keep = keep  # per micro-batch, the tokens whose inputs enter the Gram matrices (None: all)
+        self.batch = 0
         self.gram: dict[tuple[int, str], torch.Tensor] = {}
         self.fisher: dict[tuple[int, str], torch.Tensor] = {}
         self.importance: dict[tuple[int, str], torch.Tensor] = {}
@@ -40,6 +42,8 @@ class OBSAccumulator:
     @torch.no_grad()
     def _consume(self, key: tuple[int, str], x: torch.Tensor, dy: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).double()
+        if self.keep is not None:
+            x = x[self.keep[self.batch].flatten().to(x.device)]
         dy = dy.reshape(-1, dy.shape[-1]).double()
         if key in self.gram:
             self.gram[key].addmm_(x.T, x)
@@ -103,12 +107,15 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
 
 
 def obs_scores(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
-               progress: bool) -> dict[str, dict]:
-    """Layer-by-layer gradient pass collecting what greedy OBS needs, then the scores of every block."""
-    acc = OBSAccumulator(model, spec)
+               progress: bool, ignore: torch.Tensor | None = None) -> dict[str, dict]:
+    """Layer-by-layer gradient pass collecting what greedy OBS needs, then the scores of every block.
+
+    `ignore`: tokens left out of the loss (as targets) and of the Gram matrices (as inputs)."""
+    acc = OBSAccumulator(model, spec, None if ignore is None else list((~ignore).split(batch_size)))
     handles = acc.attach()
     try:
-        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, "obs", progress)
+        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, "obs", progress, ignore,
+                           lambda b: setattr(acc, "batch", b))
     finally:
         for handle in handles:
             handle.remove()

@@ -91,8 +91,12 @@ def on_output_gradient(linear: nn.Module, consume: Callable[[torch.Tensor, torch
 
 
 def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.device, batch_size: int,
-                       layer_done: Callable[[int], None], desc: str, progress: bool) -> None:
+                       layer_done: Callable[[int], None], desc: str, progress: bool,
+                       ignore: torch.Tensor | None = None, batch_started: Callable[[int], None] | None = None) -> None:
     """Backpropagate the mean token NLL over all samples one decoder layer at a time, last layer first.
+
+    `ignore` (bool, shaped like `samples`): targets left out of the loss (they stay in as context);
+    `batch_started(b)` is called before micro-batch b of each layer is backpropagated.
 
     A no-grad forward keeps every layer's input hidden states (per micro-batch, in the model's dtype);
     the head's loss gives the gradient at the last layer's output; then each layer is re-run per
@@ -113,10 +117,17 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     head = model.get_output_embeddings()
     norm = model.get_decoder().norm
     grads = []
-    for x, ids in zip(hidden, samples.split(batch_size), strict=True):
+    masks = [None] * len(hidden) if ignore is None else (~ignore[:, 1:]).split(batch_size)
+    targets = num_samples * (seq_len - 1) if ignore is None else int((~ignore[:, 1:]).sum())
+    for x, ids, keep in zip(hidden, samples.split(batch_size), masks, strict=True):
         x.requires_grad_(True)
         logits = head(norm(x))
-        loss = token_nll_sum(logits, ids.to(logits.device)) / (num_samples * (seq_len - 1))
+        ids = ids.to(logits.device)
+        if keep is None:
+            loss = token_nll_sum(logits, ids) / targets
+        else:
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
+            loss = nll[keep.to(nll.device)].sum() / targets
         loss.backward()
         grads.append(x.grad)
     del hidden, x, logits
@@ -124,6 +135,8 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     for index in reversed(range(len(layers))):
         with placement.on_device(layers[index]) as dev:  # an offloaded layer is loaded once for all its micro-batches
             for b, kw in enumerate(kwargs[index]):
+                if batch_started is not None:
+                    batch_started(b)
                 x = inputs[index][b].to(dev).requires_grad_(True)
                 inputs[index][b] = None
                 out = run_layer(layers[index], x, send_to_device(kw, dev))

@@ -47,7 +47,12 @@ from llama_pruning.importance.units import (
     unit_sum_squares,
 )
 from llama_pruning.models.arch import ModelSpec, model_spec
-from llama_pruning.options import DEFAULT_TAYLOR_2ND_VARIANT, METHODS, TAYLOR_2ND_VARIANTS  # noqa: F401 (re-exported)
+from llama_pruning.options import (  # noqa: F401 (re-exported)
+    DEFAULT_TAYLOR_2ND_VARIANT,
+    GRADIENT_METHODS,
+    METHODS,
+    TAYLOR_2ND_VARIANTS,
+)
 
 Key = tuple[int, str]  # (layer_idx, group_type)
 Columns = dict[str, dict[Key, torch.Tensor]]
@@ -163,13 +168,14 @@ class TaylorAccumulator:
 
 
 def _taylor(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
-            variant: str | None, progress: bool) -> Columns:
-    """Layer-by-layer gradient pass over the samples, loss normalised to the mean token NLL over all of them."""
+            variant: str | None, progress: bool, ignore: torch.Tensor | None = None) -> Columns:
+    """Layer-by-layer gradient pass over the samples, loss normalised to the mean token NLL over all of them
+    (over the targets not in `ignore`)."""
     acc = TaylorAccumulator(unit_linears(model, spec), spec, samples.shape[0], device, variant)
     handles = acc.attach()
     desc = "taylor" if variant is None else f"taylor_2nd ({variant})"
     try:
-        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, desc, progress)
+        layerwise_backward(model, samples, device, batch_size, acc.fold_layer, desc, progress, ignore)
     finally:
         for handle in handles:
             handle.remove()
@@ -254,6 +260,7 @@ def compute_importance(
     seed: int = 0,
     taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
     progress: bool = True,
+    ignore: torch.Tensor | None = None,
 ) -> pd.DataFrame:
     """Score every attention group and MLP channel of a dense model on calibration `samples`.
 
@@ -261,6 +268,8 @@ def compute_importance(
     more important), plus `signed_first_order` (Taylor methods) and `second_order` (`taylor_2nd`).
     `gradient_batch_size` is the micro-batch of every calibration pass; results do not depend on it
     beyond float rounding. The model is returned in the state it came in (mode, requires_grad, device).
+    `ignore` (bool, shaped like `samples`; gradient methods only): tokens left out of the loss as targets and, for obs,
+    of the Gram matrices as inputs; they stay in as context (e.g. placeholders the deployed text does not hold).
     """
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; choose one of {', '.join(METHODS)}")
@@ -270,6 +279,14 @@ def compute_importance(
     check_samples(samples)
     check_batch_size(gradient_batch_size)
     check_dense(model)
+    if ignore is not None:
+        if ignore.dtype != torch.bool or ignore.shape != samples.shape:
+            raise ValueError(f"ignore must be a bool mask shaped like the samples {tuple(samples.shape)}")
+        if method not in GRADIENT_METHODS:
+            raise ValueError(f"ignore applies to {', '.join(GRADIENT_METHODS)}, not {method}")
+        if bool(ignore[:, 1:].all()):
+            raise ValueError("ignore leaves out every calibration target: nothing is left to score")
+        ignore = ignore if bool(ignore.any()) else None  # nothing left out: exactly the plain pass
     spec = model_spec(model)
     if method == "random":
         return importance_table(spec, _random(spec, seed))
@@ -279,8 +296,8 @@ def compute_importance(
         elif method == "wanda":
             columns = _wanda(model, samples, spec, dev, gradient_batch_size, progress)
         elif method == "obs":
-            columns = obs_scores(model, samples, spec, dev, gradient_batch_size, progress)
+            columns = obs_scores(model, samples, spec, dev, gradient_batch_size, progress, ignore)
         else:
             variant = taylor_2nd_variant if method == "taylor_2nd" else None
-            columns = _taylor(model, samples, spec, dev, gradient_batch_size, variant, progress)
+            columns = _taylor(model, samples, spec, dev, gradient_batch_size, variant, progress, ignore)
     return importance_table(spec, columns)
