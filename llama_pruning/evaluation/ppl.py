@@ -49,13 +49,8 @@ def window_nll(
     return torch.cat(out)
 
 
-def window_perplexity(
-    model: nn.Module,
-    windows: torch.Tensor,
-    batch_size: int = 4,
-    device: torch.device | str | None = None,
-    desc: str = "perplexity",
-) -> float:
+def window_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
+                      device: torch.device | str | None = None, desc: str = "perplexity") -> float:
     """exp(mean next-token NLL) of a `[n, seq_len]` tensor of token windows, NLL summed in float64."""
     return math.exp(window_nll(model, windows, batch_size, device, desc).mean().item())
 
