@@ -82,7 +82,6 @@ def copy_snippets(windows: torch.Tensor) -> torch.Tensor:
     return shuffled.repeat(1, COPIES)
 
 
-@torch.no_grad()
 def dev_scores(model, windows: torch.Tensor, placeholders: torch.Tensor) -> dict:
     """Dev PPL, clean dev PPL (targets outside placeholders) and copy NLL (targets in copies 2..COPIES)."""
     from llama_pruning.evaluation import window_nll

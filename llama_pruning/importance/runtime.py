@@ -47,9 +47,13 @@ def micro_batches(samples: torch.Tensor, batch_size: int, device: torch.device, 
         yield samples[start:start + batch_size].to(device)
 
 
-def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of unpadded windows from their logits, computed in float32 whatever the model dtype."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed next-token NLL of unpadded windows from their logits, computed in float32 whatever the model dtype;
+    `keep` (bool, shaped like the targets `ids[:, 1:]`) sums only those targets."""
+    logits, targets = logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+    if keep is None:
+        return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="none")[keep.flatten().to(logits.device)].sum()
 
 
 def nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -122,12 +126,7 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     for x, ids, keep in zip(hidden, samples.split(batch_size), masks, strict=True):
         x.requires_grad_(True)
         logits = head(norm(x))
-        ids = ids.to(logits.device)
-        if keep is None:
-            loss = token_nll_sum(logits, ids) / targets
-        else:
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), ids[:, 1:], reduction="none")
-            loss = nll[keep.to(nll.device)].sum() / targets
+        loss = token_nll_sum(logits, ids.to(logits.device), keep) / targets
         loss.backward()
         grads.append(x.grad)
     del hidden, x, logits
