@@ -319,6 +319,26 @@ def test_greedy_obs_matches_brute_force_joint_refits(group):
     torch.testing.assert_close(scores, expected, rtol=1e-6, atol=1e-9)
 
 
+def test_greedy_obs_after_set_num_threads():
+    """Groups of 192 columns (SmolLM2's GQA groups) score the same after torch.set_num_threads(2), where batched
+    CPU linalg.inv fails with MKL's DLASWP error (pytorch#142815)."""
+    from llama_pruning.importance.obs import greedy_obs
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(800, 576, dtype=torch.float64, generator=gen)
+    w = torch.randn(16, 576, dtype=torch.float64, generator=gen)
+    fisher = torch.rand(16, dtype=torch.float64, generator=gen) + 0.1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = greedy_obs(w, x.T @ x, fisher, 192)
+        torch.set_num_threads(2)
+        two = greedy_obs(w, x.T @ x, fisher, 192)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(two, one, rtol=1e-9, atol=0)
+
+
 def test_bf16_model_scores_close_to_float32():
     model = tiny_model(layers=2, intermediate=16, seed=9)
     samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(4))

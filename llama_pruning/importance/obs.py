@@ -65,6 +65,12 @@ class OBSAccumulator:
         return {"importance": self.importance}
 
 
+def _inverses(blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of each matrix of a batch, one LAPACK call each: after `torch.set_num_threads(n > 1)`, batched CPU
+    `linalg.inv` of matrices from 192 rows up runs MKL's getrf on several threads at once and fails (pytorch#142815)."""
+    return torch.stack([torch.linalg.inv(b) for b in blocks])
+
+
 def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, group: int,
                damping: float = DAMPING, chunk: int = 1) -> torch.Tensor:
     """Per group of `group` consecutive input columns: the Fisher-weighted OBS loss increase at its greedy step.
@@ -91,7 +97,7 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
         else:
             blocks = hinv.reshape(n, group, n, group)[live, :, live, :]  # (live, group, group) diagonal blocks
             ws = w[:, (live[:, None] * group + offsets).flatten()].reshape(w.shape[0], live.numel(), group)
-            cost = 0.5 * torch.einsum("d,dga,gab,dgb->g", fisher, ws, torch.linalg.inv(blocks), ws)
+            cost = 0.5 * torch.einsum("d,dga,gab,dgb->g", fisher, ws, _inverses(blocks), ws)
         order = cost.argsort()
         picks, live = live[order[:chunk]], live[order[chunk:].sort().values]
         for g, c in zip(picks.tolist(), cost[order[:chunk]].tolist(), strict=True):
