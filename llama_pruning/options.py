@@ -25,7 +25,7 @@ BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: its steps' and passes' matmu
 DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB
-# --reconstruct_ignore auto: wikitext-2's `<unk>` leave block's fit (dev P20 / P30 / P50: -1.4 / -1.7 / -3.1 %; lsq: worse)
+# --reconstruct_ignore auto: wikitext-2's `<unk>` leave block's fit (dev P20 / P30 / P50: -1.4 / -1.7 / -3.3 %; lsq: worse)
 AUTO_IGNORE = {"block": "<unk>"}
 # models.gguf_export: types the gguf package writes, then llama.cpp's own k-quant mixtures (its quantizer)
 GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
