@@ -33,6 +33,7 @@ class Workload:
     reconstruct_samples: int | None = None  # None: the mode's default (options.reconstruct_windows)
     importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
     reconstruct: str = "block"  # the global command's default (block-local refinement after lsq)
+    span: int = 1  # block: layers refined jointly (--reconstruct_span)
 
 
 def _get(config, name: str):
@@ -66,7 +67,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     hidden states (pruned and dense) and, for the MLP being solved, a float32 Gram, then its kept block in float64
     and that block's Cholesky factor (bounded by two float64 Grams);
     block adds a third stream (the refined layer's inputs) and its dense copy (which serves as the MLP's), then holds
-    its targets in place of the post-attention stream it frees, and Adam's float32 state for that layer.
+    its targets in place of the post-attention stream it frees, and Adam's float32 state for that layer (with a span of
+    layers refined jointly: dense copies, Adam state and backward activations for each of them).
     """
     s = _BYTES[work.dtype]
     h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
@@ -93,8 +95,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         solve = max(width * width + width * h + width * h, 2 * width * width + width * h) * SOLVE_BYTES
         fit = 3 * i * h * s + solve + acts  # the MLP's dense copy, its statistics and solve, one micro-batch
         if work.reconstruct == "block":  # the layer's inputs, its dense copy in place of the MLP's, then Adam in float32
-            refine = _layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts  # weights, grads, 2 moments
-            fit = stream + max(fit - 3 * i * h * s + _layer_params(config) * s, refine)
+            refine = work.span * (_layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts)  # weights, grads, 2 moments
+            fit = stream + max(fit - 3 * i * h * s + work.span * _layer_params(config) * s, refine)
         peaks["reconstruction"] = weights + 2 * stream + fit
     elif work.reconstruct == "bias":
         peaks["reconstruction"] = weights + 2 * stream + acts
@@ -110,6 +112,7 @@ def obs_block_bytes(width: int, out: int) -> int:
 # flag changes tried in order, each on top of the ones before, until the projection fits
 _REMEDIES = (
     ("--dtype bfloat16", {"dtype": "bfloat16"}),
+    ("--reconstruct_span 1", {"span": 1}),
     ("--reconstruct lsq", {"reconstruct": "lsq"}),
     ("--reconstruct_samples 64", {"reconstruct_samples": 64}),
     ("--num_samples 32", {"num_samples": 32}),

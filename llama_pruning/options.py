@@ -23,6 +23,7 @@ DEFAULT_DRIFT = 0.5  # half-way between the block's own dense output and the den
 DEFAULT_BLOCK_EPOCHS = 4 / 3  # block: Adam passes per cut layer, 128 steps of 4 windows (dev: new windows beat repeated ones)
 BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: its steps' and passes' matmuls in bf16 (auto: where native)
 DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
+DEFAULT_BLOCK_SPAN = 1  # block: consecutive cut layers refined jointly toward the dense output of the last
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB
 # --reconstruct_ignore auto: wikitext-2's `<unk>` leave block's fit (dev P20 / P30 / P50: -1.4 / -1.7 / -3.3 %; lsq: worse)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, run_
 from llama_pruning.options import (  # noqa: F401 (re-exported)
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
+    DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
     DEFAULT_RIDGE,
     DEFAULT_SAMPLES,
@@ -326,10 +328,26 @@ def _reconstruct_layer(
             hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x, autocast)
 
 
+class LayerSpan(nn.Module):
+    """Consecutive decoder layers run as one module, each with its own keyword arguments and on its own device: what
+    `refine_layer` moves jointly when cut layers are refined several at a time."""
+
+    def __init__(self, layers: list[nn.Module], devices: list[torch.device]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.devices = devices
+
+    def forward(self, hidden: torch.Tensor, per_layer: list[dict]) -> torch.Tensor:
+        for layer, device, kwargs in zip(self.layers, self.devices, per_layer, strict=True):
+            hidden = run_layer(layer, hidden.to(device), kwargs)
+        return hidden
+
+
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
                  epochs: float, lr: float, step: Callable[[], object] = lambda: None,
                  autocast: bool = False, keep: list[torch.Tensor] | None = None) -> tuple[float, float]:
-    """Block-local distillation: Adam on every weight of the cut `layer` so its outputs on `inputs` approach `targets`.
+    """Block-local distillation: Adam on every weight of the cut `layer` (or `LayerSpan`) so its outputs on `inputs`
+    approach `targets`.
 
     One step per micro-batch, in order, for `epochs` passes (cosine-decayed `lr`), in float32 whatever the layer's dtype
     (it is cast back); `autocast`: the layer's matmuls in bfloat16 (weights, loss and Adam stay float32). The linear
@@ -382,6 +400,17 @@ def _refined_layers(plan: PruningPlan) -> list[int]:
             if (groups or channels) and (len(groups) < spec.num_kv_heads or len(channels) < spec.intermediate_size)]
 
 
+def _spans(num_layers: int, refined: list[int], span: int) -> list[list[int]]:
+    """The layer loop's units: runs of up to `span` consecutive refined layers, refined jointly; every other layer alone."""
+    units: list[list[int]] = []
+    for i in range(num_layers):
+        if units and i in refined and units[-1][0] in refined and units[-1][-1] == i - 1 and len(units[-1]) < span:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
 def _layer_outputs(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                    autocast: bool = False) -> list[torch.Tensor]:
     """A decoder layer's output per batch, its matmuls in bfloat16 autocast when `autocast`."""
@@ -393,7 +422,7 @@ def _layer_outputs(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[di
 def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                    dense_hidden: list[torch.Tensor] | None, drift_weight: float,
                    autocast: bool = False) -> list[torch.Tensor]:
-    """What the cut layer should output per batch: the dense layer's output on the pruned stream, pulled
+    """What the cut layer (or span) should output per batch: the dense layer's output on the pruned stream, pulled
     `drift_weight` of the way toward the dense stream (the target `compensate` fits each block to)."""
     targets = _layer_outputs(dense_layer, inputs, kwargs, autocast)
     if dense_hidden is not None:
@@ -403,7 +432,8 @@ def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
 
 def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float,
-                input_weight: float, block_epochs: float, block_lr: float, ignore: torch.Tensor | None = None) -> None:
+                input_weight: float, block_epochs: float, block_lr: float, ignore: torch.Tensor | None = None,
+                block_span: int = DEFAULT_BLOCK_SPAN) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -427,6 +457,8 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
         raise ReconstructionError("ignore leaves out every calibration token: nothing is left to fit")
     if mode == "block" and not (0 < block_epochs < math.inf and 0 < block_lr < math.inf):
         raise ReconstructionError(f"block_epochs and block_lr must be > 0, got {block_epochs} and {block_lr}")
+    if mode == "block" and not (isinstance(block_span, int) and block_span >= 1):
+        raise ReconstructionError(f"block_span must be an integer >= 1, got {block_span!r}")
 
 
 def prune_with_reconstruction(
@@ -445,6 +477,7 @@ def prune_with_reconstruction(
     block_lr: float = DEFAULT_BLOCK_LR,
     block_autocast: bool | None = None,
     ignore: torch.Tensor | None = None,
+    block_span: int = DEFAULT_BLOCK_SPAN,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -464,8 +497,10 @@ def prune_with_reconstruction(
     multiplies bfloat16 natively; its statistics and solves stay float32/`solve_dtype`, `lsq` and `bias` never round).
     `ignore` (bool, shaped like `samples`): tokens left out of every statistic and of the block loss, e.g. placeholders
     such as `<unk>` that the text the model will see does not hold (they still pass through the layers as context).
+    `block_span` > 1: runs of that many consecutive cut layers are each re-fitted by lsq in turn, then refined jointly
+    (the same steps, each through all of them) toward the dense output of the run's last layer.
     """
-    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr, ignore)
+    _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr, ignore, block_span)
     if mode == "none":
         return apply_plan(model, plan)
     check_plan(model, plan)
@@ -485,31 +520,44 @@ def prune_with_reconstruction(
             layers = decoder_layers(model)
             refined = _refined_layers(plan) if mode == "block" else []
             steps = max(1, round(block_epochs * len(hidden)))
-            # one tick per batch and block (attention, MLP) of every layer and per refinement step, the ETA averaged over
-            # the whole run so far: it is shown, and steady, from the first batches of the first layer on
+            # one tick per batch and block (attention, MLP) of every layer and per refinement step and layer it moves, the
+            # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on
             with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined), desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
-                for i in range(len(layers)):
-                    bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
-                    with placement.on_device(layers[i], device, write_back=True) as dev:  # offloaded: loaded, cut, stored
-                        hidden[:] = send_to_device(hidden, dev)
-                        if dense_hidden is not None:
-                            dense_hidden[:] = send_to_device(dense_hidden, dev)
-                        layer_kwargs = send_to_device(kwargs[i], dev)
-                        refine = i in refined
-                        layer_inputs, dense_layer = (list(hidden), copy.deepcopy(layers[i])) if refine else (None, None)
-                        _reconstruct_layer(layers[i], plan, i, hidden, layer_kwargs, "lsq" if mode == "block" else mode, ridge,
-                                           solve_dtype, dense_hidden, drift_weight, bar.update, input_weight,
-                                           advance=not refine, autocast=autocast, dense=dense_layer, keep=keep)
+                for span in _spans(len(layers), refined, block_span):
+                    refine = span[0] in refined
+                    inputs, dense_layers, devices, span_kwargs = None, [], [], []
+                    with contextlib.ExitStack() as loaded:  # offloaded: loaded, cut, stored
+                        for i in span:
+                            bar.set_postfix_str(f"layer {i + 1}/{len(layers)}", refresh=False)
+                            dev = loaded.enter_context(placement.on_device(layers[i], device, write_back=True))
+                            hidden[:] = send_to_device(hidden, dev)
+                            if dense_hidden is not None:
+                                dense_hidden[:] = send_to_device(dense_hidden, dev)
+                            devices.append(dev)
+                            span_kwargs.append(send_to_device(kwargs[i], dev))
+                            if refine and inputs is None:
+                                inputs = list(hidden)
+                            dense_layers.append(copy.deepcopy(layers[i]) if refine else None)
+                            _reconstruct_layer(layers[i], plan, i, hidden, span_kwargs[-1],
+                                               "lsq" if mode == "block" else mode, ridge, solve_dtype, dense_hidden,
+                                               drift_weight, bar.update, input_weight,
+                                               advance=not (refine and i == span[-1]), autocast=autocast,
+                                               dense=dense_layers[-1], keep=keep)
                         if refine:
                             hidden.clear()  # the stream after the cut attention is dead: the refined outputs replace it
-                            targets = _block_targets(dense_layer, layer_inputs, layer_kwargs, dense_hidden, drift_weight,
-                                                     autocast)
-                            del dense_layer
-                            refine_layer(layers[i], layer_inputs, targets, layer_kwargs, block_epochs, block_lr,
-                                         bar.update, autocast, keep)
+                            if len(span) == 1:
+                                unit, dense_unit, unit_kwargs = layers[span[0]], dense_layers[0], span_kwargs[0]
+                            else:
+                                unit = LayerSpan([layers[i] for i in span], devices)
+                                dense_unit = LayerSpan(dense_layers, devices)
+                                unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
+                            targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight, autocast)
+                            del dense_unit, dense_layers
+                            refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
+                                         functools.partial(bar.update, len(span)), autocast, keep)
                             del targets
-                            hidden[:] = _layer_outputs(layers[i], layer_inputs, layer_kwargs, autocast)
+                            hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)
     finally:
         model.train(was_training)
     return finalize(model, plan)

@@ -140,6 +140,7 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["layer_pruning.py", "--reconstruct_epochs", "nan"], "must be > 0"),
     (["global_pruning.py", "--iterative_steps", "2", "--remove_empty_layers"], "drop --remove_empty_layers"),
     (["global_pruning.py", "--iterative_steps", "0"], "must be a positive integer"),
+    (["global_pruning.py", "--reconstruct_span", "0"], "must be a positive integer"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))
@@ -155,7 +156,7 @@ def test_help_lists_every_flag():
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
                    "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty",
-                   "--reconstruct_ignore", "--importance_ignore"],
+                   "--reconstruct_ignore", "--importance_ignore", "--reconstruct_span"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():

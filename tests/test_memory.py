@@ -45,6 +45,15 @@ def test_block_reconstruction_on_llama3_8b_bf16_projects_under_22_gb():
     assert block <= 22e9 < memory.phase_peaks(config, memory.Workload(reconstruct_samples=512))["reconstruction"]
 
 
+def test_a_span_of_refined_layers_holds_adam_state_for_each_and_is_given_up_first():
+    """--reconstruct_span 2 refines two layers at once: their float32 weights, gradients and Adam moments (16 bytes per
+    parameter) and bf16 dense copies (2) each, which takes Llama-3-8B over 22 GB; a span of 1 is the first remedy."""
+    config = memory.SHAPES["8b"]
+    one, two = (memory.phase_peaks(config, memory.Workload(span=k))["reconstruction"] for k in (1, 2))
+    assert two - one >= memory._layer_params(config) * (2 + 16) and two > 22e9 >= one
+    assert memory.remedies(config, memory.Workload(span=2), int(22e9)) == ["--reconstruct_span 1"]
+
+
 def test_remedies_pick_the_flags_that_fit():
     config, work = memory.SHAPES["8b"], memory.Workload(dtype="float32")
     assert memory.remedies(config, work, 10**15) == []

@@ -242,17 +242,23 @@ def test_stream_targets_lower_the_final_stream_error_on_held_out_tokens(plain, r
     assert errors[1] < errors[0]
 
 
-def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(pruned, dense) outputs of every decoder layer on the pruned model's own stream (plans that delete no layer)."""
+def _layer_inputs(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) that each decoder layer of `model` receives on `ids`."""
     records = []
     hooks = [layer.register_forward_pre_hook(lambda m, a, kw: records.append((a[0], kw)), with_kwargs=True)
-             for layer in decoder_layers(pruned)]
+             for layer in decoder_layers(model)]
     with torch.no_grad():
-        pruned(ids, use_cache=False)
-        for h in hooks:
-            h.remove()
-        return [(run_layer(p, x, kw), run_layer(d, x, kw))
-                for (x, kw), d, p in zip(records, decoder_layers(dense), decoder_layers(pruned), strict=True)]
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return records
+
+
+@torch.no_grad()
+def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pruned, dense) outputs of every decoder layer on the pruned model's own stream (plans that delete no layer)."""
+    return [(run_layer(p, x, kw), run_layer(d, x, kw)) for (x, kw), d, p
+            in zip(_layer_inputs(pruned, ids), decoder_layers(dense), decoder_layers(pruned), strict=True)]
 
 
 @pytest.mark.parametrize("autocast", [False, True, "inside a caller's autocast region"])
@@ -293,6 +299,37 @@ def test_block_lowers_the_layer_error_below_lsq_on_calibration_tokens(dtype, aut
                                            block_lr=1e-3, block_autocast=autocast)
         errors[mode] = [(p - d).pow(2).sum().item() for p, d in _layer_io(dense, pruned, calib)]
     assert all(b < 0.9 * a for a, b in zip(errors["lsq"], errors["block"], strict=True)), errors
+
+
+def test_spans_join_runs_of_consecutive_refined_layers():
+    assert reconstruct._spans(7, [0, 1, 2, 4, 5, 6], 2) == [[0, 1], [2], [3], [4, 5], [6]]
+    assert reconstruct._spans(7, [0, 1, 2, 4, 5, 6], 3) == [[0, 1, 2], [3], [4, 5, 6]]
+    assert reconstruct._spans(3, [0, 1, 2], 1) == [[0], [1], [2]]
+
+
+@torch.no_grad()
+def _span_error(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor, span: list[int]) -> float:
+    """Squared error of the pruned layers `span`, run in turn, against the dense ones, on the span's pruned input."""
+    p, kw = _layer_inputs(pruned, ids)[span[0]]
+    d = p
+    for i in span:
+        p, d = run_layer(decoder_layers(pruned)[i], p, kw), run_layer(decoder_layers(dense)[i], d, kw)
+    return (p - d).pow(2).sum().item()
+
+
+def test_block_span_refines_consecutive_layers_jointly_toward_their_dense_output():
+    """block_span 2 (drift 0): layers 0-1 are re-fitted by lsq in turn, then Adam moves both toward the dense output of
+    layer 1 on the pruned input of layer 0. That pair error ends lower than lsq's and than refining each layer alone,
+    which fits layer 0 to its own output instead."""
+    dense = tiny_model(dtype=F64, layers=3)
+    plan = _partial_plan(dense, seed=3)
+    calib = _ids(48, 32, seed=0)
+    errors = {}
+    for name, mode, span in (("lsq", "lsq", 1), ("alone", "block", 1), ("span", "block", 2)):
+        pruned = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, mode, progress=False, drift_weight=0.0,
+                                           block_lr=1e-3, block_span=span)
+        errors[name] = _span_error(dense, pruned, calib, [0, 1])
+    assert errors["span"] < 0.9 * errors["lsq"] and errors["span"] < errors["alone"], errors
 
 
 def test_block_autocast_auto_follows_the_device():
@@ -399,6 +436,8 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite(mode):
         ({"input_weight": -0.5}, "input_weight must be in"),
         ({"mode": "block", "block_lr": 0.0}, "block_epochs and block_lr must be > 0"),
         ({"mode": "block", "block_epochs": float("nan")}, "block_epochs and block_lr must be > 0"),
+        ({"mode": "block", "block_span": 0}, "block_span must be an integer >= 1"),
+        ({"mode": "block", "block_span": 1.5}, "block_span must be an integer >= 1"),
         ({"ignore": torch.zeros(2, 8)}, "ignore must be a bool mask"),
         ({"ignore": torch.zeros(2, 7, dtype=torch.bool)}, "ignore must be a bool mask"),
         ({"ignore": torch.ones(2, 8, dtype=torch.bool)}, "leaves out every calibration token"),
@@ -511,11 +550,13 @@ def test_progress_counts_every_batch_of_every_block(capsys):
     assert f" {2 * layers * batches}/{2 * layers * batches} " in bar and "layer 4/4" in bar and "pass/s" in bar
 
 
-def test_block_progress_adds_every_refinement_step(capsys):
-    """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted."""
+@pytest.mark.parametrize("span", [1, 2])
+def test_block_progress_adds_every_refinement_step(capsys, span):
+    """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted; a step
+    through a span of layers counts once per layer, so the total does not depend on the span."""
     dense = tiny_model()
     plan = random_plan(dense, seed=2)  # layer 2 emptied
-    prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5)
+    prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5, block_span=span)
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     layers, batches, refined = 4, 3, 3
     total = 2 * layers * batches + round(1.5 * batches) * refined

@@ -22,6 +22,7 @@ from llama_pruning.options import (
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
     DEFAULT_BLOCK_SAMPLES,
+    DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
     DEFAULT_MODEL,
     DEFAULT_RIDGE,
@@ -200,6 +201,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="with --reconstruct block: Adam passes over the solve's batches per cut layer")
     p.add_argument("--reconstruct_lr", type=positive_float, default=DEFAULT_BLOCK_LR,
                    help="with --reconstruct block: peak Adam learning rate of the block-local distillation")
+    p.add_argument("--reconstruct_span", type=positive_int, default=DEFAULT_BLOCK_SPAN, metavar="K",
+                   help="with --reconstruct block: refine K consecutive cut layers at a time, Adam on all their weights "
+                        "toward the dense output of the last (1: each layer alone; the steps stay the same)")
     p.add_argument("--reconstruct_autocast", choices=BLOCK_AUTOCAST, default="auto",
                    help="with --reconstruct block: run the Adam steps' and the fit passes' matmuls in bfloat16 "
                         "(float32 weights, loss and statistics); "
@@ -348,7 +352,7 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
         dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.gradient_batch_size,
         reconstruct_samples=args.reconstruct_samples,
-        importance=args.importance_method, reconstruct=args.reconstruct)
+        importance=args.importance_method, reconstruct=args.reconstruct, span=args.reconstruct_span)
     return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
 
@@ -498,6 +502,7 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
                               block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
+                              block_span=args.reconstruct_span,
                               block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast],
                               ignore=ignore)
 
