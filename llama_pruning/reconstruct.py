@@ -329,8 +329,8 @@ def _reconstruct_layer(
 
 
 class LayerSpan(nn.Module):
-    """Consecutive decoder layers run as one module, each with its own keyword arguments and on its own device: what
-    `refine_layer` moves jointly when cut layers are refined several at a time."""
+    """Consecutive decoder layers (one or more) run as one module, each with its own keyword arguments and on its own
+    device: the unit `refine_layer` moves in block mode."""
 
     def __init__(self, layers: list[nn.Module], devices: list[torch.device]):
         super().__init__()
@@ -404,7 +404,7 @@ def _spans(num_layers: int, refined: list[int], span: int) -> list[list[int]]:
     """The layer loop's units: runs of up to `span` consecutive refined layers, refined jointly; every other layer alone."""
     units: list[list[int]] = []
     for i in range(num_layers):
-        if units and i in refined and units[-1][0] in refined and units[-1][-1] == i - 1 and len(units[-1]) < span:
+        if units and i in refined and units[-1][0] in refined and len(units[-1]) < span:  # units[-1] ends at i - 1
             units[-1].append(i)
         else:
             units.append([i])
@@ -546,12 +546,9 @@ def prune_with_reconstruction(
                                                dense=dense_layers[-1], keep=keep)
                         if refine:
                             hidden.clear()  # the stream after the cut attention is dead: the refined outputs replace it
-                            if len(span) == 1:
-                                unit, dense_unit, unit_kwargs = layers[span[0]], dense_layers[0], span_kwargs[0]
-                            else:
-                                unit = LayerSpan([layers[i] for i in span], devices)
-                                dense_unit = LayerSpan(dense_layers, devices)
-                                unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
+                            unit = LayerSpan([layers[i] for i in span], devices)
+                            dense_unit = LayerSpan(dense_layers, devices)
+                            unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
                             targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight, autocast)
                             del dense_unit, dense_layers
                             refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
