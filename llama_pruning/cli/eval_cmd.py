@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dense model to compare with (default: base_model of MODEL_DIR/pruning_plan.json; "
                              "smollm2-135m, an HF id or a folder)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype both models are loaded and timed in")
     parser.add_argument("--batch_size", type=positive_int, default=1, help="sequences per forward pass")
     parser.add_argument("--prefill_len", type=positive_int, default=128, help="prompt tokens per sequence")
     parser.add_argument("--decode_tokens", type=positive_int, default=32, help="greedy decode steps after the prompt")

@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tensor type: {', '.join(GGUF_WRITER_TYPES)} are written by the gguf package; k-quants "
                              "(q4_k_m...) by llama.cpp's quantizer (pip install 'llama-pruning[gguf]')")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output file (default: model-<outtype>.gguf in the model folder, else in the current folder)")
+                        help="output file (default: model-<outtype>.gguf in a model folder; for an alias or HF id "
+                             "<name with / as -->-<outtype>.gguf in the current folder)")
     parser.add_argument("--allow_fallback", action="store_true",
                         help="write quantized types even where pruned widths fall back to a wider type than the dense model's")
 
@@ -41,7 +42,7 @@ def export_saved_model(model_ref: str, outtype: str, out: Path | None, allow_fal
     check_outtype(outtype)
     folder = Path(model_ref)
     if folder.is_dir() and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no saved model (no config.json): prune with --save_model or --save_gguf")
+        raise FileNotFoundError(f"{folder} holds no saved model (no config.json): prune with --save_model")
     plan = PruningPlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
     if out is None:
         out = folder / f"model-{outtype}.gguf" if folder.is_dir() else Path(f"{model_ref.replace('/', '--')}-{outtype}.gguf")
