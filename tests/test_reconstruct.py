@@ -332,6 +332,36 @@ def test_block_span_refines_consecutive_layers_jointly_toward_their_dense_output
     assert errors["span"] < 0.9 * errors["lsq"] and errors["span"] < errors["alone"], errors
 
 
+def test_block_span_gives_each_layer_its_own_mask_on_mixed_sliding_models(monkeypatch):
+    """Qwen2 with full layers 0-1 and sliding-window layers 2-3: a span across the boundary runs each layer with the
+    mask the model itself gives it (exactly the model's hidden states; layer 1's mask for both differs), and the
+    layer loop hands the span those per-layer kwargs."""
+    from llama_pruning.models.arch import capture_layer_inputs
+
+    dense = tiny_model(model_type="qwen2", dtype=F64, use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    assert dense.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    ids = _ids(4, 32, seed=0)
+    _, kwargs = capture_layer_inputs(dense, ids, 2)
+    states = dense.model(input_ids=ids[:2], output_hidden_states=True).hidden_states
+    span = reconstruct.LayerSpan(list(decoder_layers(dense)[1:3]), [torch.device("cpu")] * 2)
+    with torch.no_grad():
+        assert torch.equal(span(states[1], [kwargs[1][0], kwargs[2][0]]), states[3])
+        assert not torch.allclose(span(states[1], [kwargs[1][0], kwargs[1][0]]), states[3])
+
+    plan = _partial_plan(dense, seed=3)
+    plan.attn_groups[0], plan.mlp_channels[0] = list(range(4)), list(range(48))  # layer 0 whole: spans [1, 2] and [3]
+    seen = []
+    forward = reconstruct.LayerSpan.forward
+    monkeypatch.setattr(reconstruct.LayerSpan, "forward",
+                        lambda self, hidden, per_layer: seen.append(per_layer) or forward(self, hidden, per_layer))
+    prune_with_reconstruction(copy.deepcopy(dense), plan, ids, "block", batch_size=2, progress=False, block_epochs=1,
+                              block_span=2)
+    pairs = [per_layer for per_layer in seen if len(per_layer) == 2]
+    assert pairs and all(first["attention_mask"] is None and torch.equal(second["attention_mask"],
+                                                                         kwargs[2][0]["attention_mask"])
+                         for first, second in pairs)
+
+
 def test_block_autocast_auto_follows_the_device():
     """None picks bfloat16 autocast exactly where the device multiplies bfloat16 natively; the two settings differ."""
     dense = tiny_model(layers=2)

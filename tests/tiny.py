@@ -31,8 +31,10 @@ def tiny_model(
     tie: bool = False,
     hidden: int | None = None,
     vocab_size: int = 97,
+    **config_fields,
 ):
-    """A randomly initialised model of the given family; `bias` adds q/k/v(/o) biases where the family allows."""
+    """A randomly initialised model of the given family; `bias` adds q/k/v(/o) biases where the family allows;
+    `config_fields` are passed on to the config (e.g. sliding-window settings)."""
     torch.manual_seed(seed)
     kwargs = dict(
         vocab_size=vocab_size,
@@ -44,6 +46,7 @@ def tiny_model(
         head_dim=head_dim,
         max_position_embeddings=64,
         tie_word_embeddings=tie,
+        **config_fields,
     )
     if model_type == "llama":
         kwargs["attention_bias"] = bias
