@@ -468,6 +468,7 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite(mode):
         ({"mode": "block", "block_epochs": float("nan")}, "block_epochs and block_lr must be > 0"),
         ({"mode": "block", "block_span": 0}, "block_span must be an integer >= 1"),
         ({"mode": "block", "block_span": 1.5}, "block_span must be an integer >= 1"),
+        ({"mode": "block", "block_span": True}, "block_span must be an integer >= 1"),
         ({"ignore": torch.zeros(2, 8)}, "ignore must be a bool mask"),
         ({"ignore": torch.zeros(2, 7, dtype=torch.bool)}, "ignore must be a bool mask"),
         ({"ignore": torch.ones(2, 8, dtype=torch.bool)}, "leaves out every calibration token"),
