@@ -23,8 +23,9 @@ class PlanError(ValueError):
     """A plan that does not fit the model it is applied to, or a file that is not a plan."""
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not the integer 1
+def is_int(value: object) -> bool:
+    """An integer that is not a bool (JSON true, or a caller's True, is not the integer 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _index_lists(data: dict, key: str, limit: int) -> None:
@@ -36,7 +37,7 @@ def _index_lists(data: dict, key: str, limit: int) -> None:
         if not isinstance(indices, list):
             raise PlanError(f"plan field {key}[{layer}]: expected a list of indices, got {type(indices).__name__}")
         for position, index in enumerate(indices):
-            if not _is_int(index) or not 0 <= index < limit:
+            if not is_int(index) or not 0 <= index < limit:
                 raise PlanError(f"plan field {key}[{layer}][{position}]: expected an integer in [0, {limit}), "
                                 f"got {json.dumps(index)}")
         if len(set(indices)) != len(indices):
@@ -61,7 +62,7 @@ def check_plan_dict(data: object) -> None:
         value = spec[f.name]
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         ok = (isinstance(value, str) if kind == "str" else isinstance(value, bool) if kind == "bool"
-              else _is_int(value) and value >= 1)
+              else is_int(value) and value >= 1)
         if not ok:
             raise PlanError(f"plan field spec.{f.name}: expected {'a positive integer' if kind == 'int' else 'a ' + kind}, "
                             f"got {json.dumps(value)}")

@@ -36,7 +36,7 @@ from llama_pruning.options import (  # noqa: F401 (re-exported)
     DEFAULT_SAMPLES,
     MODES,
 )
-from llama_pruning.plan import PruningPlan
+from llama_pruning.plan import PruningPlan, is_int
 from llama_pruning.surgery import apply_plan, check_plan, finalize, group_query_heads, head_rows, prune_layer
 
 
@@ -457,7 +457,7 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
         raise ReconstructionError("ignore leaves out every calibration token: nothing is left to fit")
     if mode == "block" and not (0 < block_epochs < math.inf and 0 < block_lr < math.inf):
         raise ReconstructionError(f"block_epochs and block_lr must be > 0, got {block_epochs} and {block_lr}")
-    if mode == "block" and not (isinstance(block_span, int) and not isinstance(block_span, bool) and block_span >= 1):
+    if mode == "block" and not (is_int(block_span) and block_span >= 1):
         raise ReconstructionError(f"block_span must be an integer >= 1, got {block_span!r}")
 
 
