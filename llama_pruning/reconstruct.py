@@ -191,11 +191,11 @@ def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor, autocast: bo
 
 def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[torch.Tensor],
               dense_hidden: list[torch.Tensor] | None, step: Callable[[], object], dense_block=None,
-              keep: list[torch.Tensor] | None = None) -> None:
+              keep: list[torch.Tensor] | None = None, advance: bool = False) -> None:
     """Run the uncut `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
     with a dense stream, advance it through `dense_block` (default: the same block) and record the drift
     between the two outputs. `step` is called after each batch (the progress bar); `keep`: per batch, the
-    tokens the statistics count (None: all)."""
+    tokens the statistics count (None: all); `advance`: `hidden` is replaced by the uncut block's outputs."""
     dense_block = dense_block or block
     for b, x in enumerate(hidden):
         if stats is not None:
@@ -205,6 +205,8 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
                 out = block(x, b)
             finally:
                 handle.remove()
+            if advance:
+                hidden[b] = out
         if dense_hidden is not None:
             dense_hidden[b] = dense_block(dense_hidden[b], b)
             if stats is not None:
@@ -261,9 +263,10 @@ def _reconstruct_layer(
     autocast: bool = False,
     dense: nn.Module | None = None,
     keep: list[torch.Tensor] | None = None,
-) -> None:
+) -> bool:
     """Cut one layer and re-fit its o_proj / down_proj; `hidden` (per batch) is advanced to its output in place
-    (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway).
+    (`advance` False: only through the attention, for a caller that recomputes the layer's output anyway; True is
+    returned when `hidden` then holds the *dense* layer's output instead, which the MLP's fit pass computed anyway).
 
     With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
     is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
@@ -317,8 +320,10 @@ def _reconstruct_layer(
         correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
         del m
     m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
+    # with the attention whole and untouched, the fit pass's uncut MLP output is the dense layer's: kept for the caller
+    dense_out = not advance and mlp_cut and not correct and len(plan.attn_groups[index]) == spec.num_kv_heads
     _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x, autocast), fit_mlp.down_proj, m_stats, hidden,
-              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep)
+              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep, dense_out)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,
@@ -326,6 +331,7 @@ def _reconstruct_layer(
     if advance:
         for b, x in enumerate(hidden):
             hidden[b] = _run_mlp(layer.mlp, layer.post_attention_layernorm, x, autocast)
+    return dense_out
 
 
 class LayerSpan(nn.Module):
@@ -421,10 +427,11 @@ def _layer_outputs(layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[di
 @torch.no_grad()
 def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: list[dict],
                    dense_hidden: list[torch.Tensor] | None, drift_weight: float,
-                   autocast: bool = False) -> list[torch.Tensor]:
+                   autocast: bool = False, outputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """What the cut layer (or span) should output per batch: the dense layer's output on the pruned stream, pulled
-    `drift_weight` of the way toward the dense stream (the target `compensate` fits each block to)."""
-    targets = _layer_outputs(dense_layer, inputs, kwargs, autocast)
+    `drift_weight` of the way toward the dense stream (the target `compensate` fits each block to); `outputs`: that
+    dense output when the caller has it already (pulled in place), else it is computed."""
+    targets = _layer_outputs(dense_layer, inputs, kwargs, autocast) if outputs is None else outputs
     if dense_hidden is not None:
         for z, d in zip(targets, dense_hidden, strict=True):
             z.add_(d - z, alpha=drift_weight)
@@ -539,17 +546,21 @@ def prune_with_reconstruction(
                             if refine and inputs is None:
                                 inputs = list(hidden)
                             dense_layers.append(copy.deepcopy(layers[i]) if refine else None)
-                            _reconstruct_layer(layers[i], plan, i, hidden, span_kwargs[-1],
-                                               "lsq" if mode == "block" else mode, ridge, solve_dtype, dense_hidden,
-                                               drift_weight, bar.update, input_weight,
-                                               advance=not (refine and i == span[-1]), autocast=autocast,
-                                               dense=dense_layers[-1], keep=keep)
+                            dense_out = _reconstruct_layer(layers[i], plan, i, hidden, span_kwargs[-1],
+                                                            "lsq" if mode == "block" else mode, ridge, solve_dtype,
+                                                            dense_hidden, drift_weight, bar.update, input_weight,
+                                                            advance=not (refine and i == span[-1]), autocast=autocast,
+                                                            dense=dense_layers[-1], keep=keep)
                         if refine:
-                            hidden.clear()  # the stream after the cut attention is dead: the refined outputs replace it
+                            # the dense layer's outputs when the fit computed them, else a dead post-attention stream
+                            outputs = list(hidden) if dense_out and len(span) == 1 else None
+                            hidden.clear()
                             unit = LayerSpan([layers[i] for i in span], devices)
                             dense_unit = LayerSpan(dense_layers, devices)
                             unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
-                            targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight, autocast)
+                            targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight, autocast,
+                                                     outputs)
+                            del outputs
                             del dense_unit, dense_layers
                             refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
                                          functools.partial(bar.update, len(span)), autocast, keep)

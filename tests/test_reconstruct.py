@@ -392,6 +392,36 @@ def test_autocast_rounds_block_passes_only():
     assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_block_reuses_the_mlp_fit_pass_as_targets_where_the_attention_is_whole(monkeypatch, autocast):
+    """Where the attention is kept whole, the MLP's fit pass runs the dense layer on the layer's input, so its outputs
+    are the targets: bit-identical to computing them again (which happens only where the attention is cut)."""
+    dense = tiny_model(layers=3)
+    plan = _partial_plan(dense, seed=1)
+    plan.attn_groups[0] = plan.attn_groups[2] = list(range(4))  # whole in layers 0 and 2, cut in layer 1
+    calib = _ids(8, 16, seed=2)
+    block_targets = reconstruct._block_targets
+    runs = {}
+    for reuse in (True, False):
+        seen, computed = [], []
+
+        def targets(*args, reuse=reuse, seen=seen, computed=computed):
+            *args, outputs = args
+            computed.append(outputs is None or not reuse)
+            out = block_targets(*args, outputs if reuse else None)
+            seen.append([t.clone() for t in out])
+            return out
+
+        monkeypatch.setattr(reconstruct, "_block_targets", targets)
+        model = prune_with_reconstruction(copy.deepcopy(dense), plan, calib, "block", batch_size=2, progress=False,
+                                          block_autocast=autocast)
+        runs[reuse] = seen, computed, model.state_dict()
+    (reused, computed, weights), (fresh, _, fresh_weights) = runs[True], runs[False]
+    assert computed == [False, True, False]
+    assert all(torch.equal(a, b) for r, f in zip(reused, fresh, strict=True) for a, b in zip(r, f, strict=True))
+    assert all(torch.equal(v, fresh_weights[k]) for k, v in weights.items())
+
+
 @pytest.mark.parametrize("drift_weight", [0.0, 0.5])
 def test_block_holds_three_streams_of_hidden_states_while_refining(monkeypatch, drift_weight):
     """While a layer is refined only its inputs, its targets and the dense stream (with drift) are alive: the
