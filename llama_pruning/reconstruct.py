@@ -195,7 +195,8 @@ def _fit_pass(block, module: nn.Module, stats: InputStats | None, hidden: list[t
     """Run the uncut `block(x, batch)` over the pruned stream with `module`'s inputs recorded into `stats`;
     with a dense stream, advance it through `dense_block` (default: the same block) and record the drift
     between the two outputs. `step` is called after each batch (the progress bar); `keep`: per batch, the
-    tokens the statistics count (None: all); `advance`: `hidden` is replaced by the uncut block's outputs."""
+    tokens the statistics count (None: all); `advance`: `hidden` is replaced by the uncut block's outputs (which run
+    only where there are `stats`)."""
     dense_block = dense_block or block
     for b, x in enumerate(hidden):
         if stats is not None:

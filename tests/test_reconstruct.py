@@ -422,12 +422,16 @@ def test_block_reuses_the_mlp_fit_pass_as_targets_where_the_attention_is_whole(m
     assert all(torch.equal(v, fresh_weights[k]) for k, v in weights.items())
 
 
+@pytest.mark.parametrize("whole_attention", [False, True])
 @pytest.mark.parametrize("drift_weight", [0.0, 0.5])
-def test_block_holds_three_streams_of_hidden_states_while_refining(monkeypatch, drift_weight):
+def test_block_holds_three_streams_of_hidden_states_while_refining(monkeypatch, drift_weight, whole_attention):
     """While a layer is refined only its inputs, its targets and the dense stream (with drift) are alive: the
-    post-attention stream is freed and nothing keeps the first layer's captured inputs (docs/MEMORY.md's terms)."""
+    post-attention stream is freed (or became the targets, where the attention is whole) and nothing keeps the first
+    layer's captured inputs (docs/MEMORY.md's terms)."""
     dense = tiny_model(layers=3)
     plan = _partial_plan(dense, seed=1)
+    if whole_attention:
+        plan.attn_groups[0] = plan.attn_groups[2] = list(range(4))
     calib = _ids(8, 16, seed=2)
     counts = []
 
