@@ -561,8 +561,7 @@ def prune_with_reconstruction(
                             unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
                             targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight, autocast,
                                                      outputs)
-                            del outputs
-                            del dense_unit, dense_layers
+                            del outputs, dense_unit, dense_layers
                             refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
                                          functools.partial(bar.update, len(span)), autocast, keep)
                             del targets
