@@ -55,6 +55,8 @@ def configurations() -> list[tuple[str, list[str]]]:
         return global_row(point, "obs", "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333", *extra)[1]
 
     rows += [(f"{p} global obs block", default_row(p)) for p in POINTS]
+    # the default where bfloat16 is native (`auto` picks it there; the rows above ran on a CPU where it keeps float32)
+    rows += [(f"{p} global obs block bf16 autocast", default_row(p, "--reconstruct_autocast", "bf16")) for p in POINTS]
     # block rows of earlier rounds ran before block left wikitext-2's <unk> placeholders out of its fit (tenth round)
     rows += [(f"{p} global obs block reconstruct_ignore none", default_row(p, "--reconstruct_ignore", "none"))
              for p in POINTS]
