@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +20,7 @@ from llama_pruning.importance import (
     compute_importance,
 )
 from llama_pruning.models.arch import model_spec
+from llama_pruning.selection import global_plan
 from tests.tiny import tiny_model
 
 
@@ -397,6 +401,47 @@ def test_cache_hit_returns_identical_table_without_recomputing(tmp_path, monkeyp
                                                 (samples, {**fields, "dataset": "other"}, {})):
         with pytest.raises(AssertionError, match="recomputed"):
             cached_importance(model, other_samples, "taylor_2nd", tmp_path, other_fields, progress=False, **kwargs)
+
+
+def _whole_rows(data: bytes) -> bytes:
+    """The audit's damage: the first 1000 bytes, cut back to the last complete row."""
+    return data[:data.rindex(b"\n", 0, 1000) + 1]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_whole_rows, r"the table has \d+ rows for the model's 40 units"),
+    (lambda data: data[:1000], "last row does not end in a newline"),  # a cut inside a row
+    (lambda data: data[:-3], "last row does not end in a newline"),  # every unit there, the last score cut short
+    (lambda data: b"garbage\n", r"the table lacks the column\(s\) layer_idx, group_type, group_idx, importance"),
+    (lambda data: b"garbage", "last row does not end in a newline"),
+    (lambda data: b"", "does not parse: No columns to parse from file"),
+    (lambda data: b"\xff\xfe\n", "does not parse: 'utf-8' codec can't decode"),
+], ids=["whole-rows", "cut-in-a-row", "last-score-cut", "garbage-line", "garbage", "empty", "not-utf8"])
+def test_corrupt_cache_entry_is_warned_about_recomputed_and_overwritten(tmp_path, monkeypatch, caplog, damage, reason):
+    """A cache entry is derived data: one that is not a whole table of the model is a miss, never trusted."""
+    model = tiny_model(layers=2, intermediate=16)
+    samples = torch.randint(0, 97, (4, 10), generator=torch.Generator().manual_seed(5))
+    clean = cached_importance(model, samples, "taylor", tmp_path, progress=False)
+    (path,) = tmp_path.iterdir()
+    written = path.read_bytes()
+    path.write_bytes(damage(written))
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return compute_importance(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "compute_importance", counting)
+    with caplog.at_level(logging.INFO, logger=cache_module.__name__):
+        again = cached_importance(model, samples, "taylor", tmp_path, progress=False)
+    assert len(calls) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"importance cache entry {path} is unusable, recomputing it: ") and re.search(reason, warning)
+    assert "\n" not in warning and not any("cache hit" in r.getMessage() for r in caplog.records)
+    pd.testing.assert_frame_equal(again, clean, check_exact=True)
+    assert path.read_bytes() == written  # the entry overwritten with the recomputed table
+    assert global_plan(model, again, 0.2, remove_empty_layers=True)[0] == global_plan(model, clean, 0.2,
+                                                                                      remove_empty_layers=True)[0]
 
 
 def test_obs_cache_entry_changes_with_its_constants(monkeypatch):

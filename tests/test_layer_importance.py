@@ -59,6 +59,8 @@ def test_taylor_layer_scores_are_unit_sums(model_and_samples):
     np.testing.assert_allclose(layer_importance(model, samples, "taylor", table=table), expected, rtol=1e-12)
     np.testing.assert_allclose(layer_importance(model, samples, "taylor", batch_size=5, progress=False), expected,
                                rtol=1e-5)
+    with pytest.raises(ValueError, match=r"has 56 rows for the model's 112 units"):  # layers 2 and 3 would score 0
+        layer_importance(model, samples, "taylor", table=table[table.layer_idx < 2])
 
 
 def test_default_is_block_influence_and_bad_method(model_and_samples):

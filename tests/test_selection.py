@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,29 @@ def test_global_rejects_bad_arguments():
         global_plan(model, table, 1.5)
     with pytest.raises(SelectionError, match="layer range"):
         global_plan(model, table, 0.1, layer_start=3, layer_end=2)
+
+
+def test_selection_rejects_a_table_that_is_not_one_row_per_unit():
+    """A unit missing from the table would read as removable: both selections refuse it, in one line."""
+    model = tiny_model(layers=3, intermediate=16)
+    table = rigged_table(model, -1)
+    repeated = table.copy()
+    repeated.loc[5, "group_idx"] = 0  # as many rows as units, one of them twice and one missing
+    bad = {
+        "has 40 rows for the model's 60 units": table[table.layer_idx < 2],  # a truncated table: layer 2 missing
+        "has 59 rows": table.drop(index=7),
+        "lists a unit more than once (layer 0 mlp 0)": repeated,
+        "names units the model does not have (layer 3 attn 0)": rigged_table(tiny_model(layers=4, intermediate=16), -1),
+        "lacks the column(s) group_type, importance": table.drop(columns=["group_type", "importance"]),
+        "has layer_idx / group_idx values that are not all integers": table.astype({"layer_idx": float}),
+        "has a non-numeric importance column": table.astype({"importance": str}),
+    }
+    for reason, incomplete in bad.items():
+        for select in (lambda t: global_plan(model, t, 0.2, remove_empty_layers=True),
+                       lambda t: layerwise_plan(model, t, [1.0, 2.0, 3.0], 0.2)):
+            with pytest.raises(SelectionError, match=re.escape(f"the importance table {reason}")) as err:
+                select(incomplete)
+            assert "\n" not in str(err.value)
 
 
 def test_cut_penalty_scales_scores_by_rank_in_block_and_spreads_the_cut():
@@ -222,6 +246,6 @@ def test_allocate_respects_caps_and_total():
 
 def test_parse_distribution_errors():
     assert parse_distribution("2:8") == (0.2, 0.8)
-    for bad in ("2-8", "0:0", "a:b", "-1:3"):
-        with pytest.raises(SelectionError):
+    for bad in ("2-8", "0:0", "a:b", "-1:3", "nan:1", "1:nan", "inf:1", "1:-inf", "1e308:1e308"):
+        with pytest.raises(SelectionError, match="--pruning_distribution"):
             parse_distribution(bad)

@@ -27,6 +27,7 @@ from llama_pruning.importance.runtime import (
     nll_sum,
 )
 from llama_pruning.importance.unit import compute_importance
+from llama_pruning.importance.units import table_problem
 from llama_pruning.models.arch import decoder_layers, model_spec
 from llama_pruning.options import LAYER_METHODS
 
@@ -94,19 +95,22 @@ def layer_importance(
     """One score per decoder layer of a dense model, higher = more important.
 
     For `taylor`, pass the unit `table` from `compute_importance(..., "taylor")` (or a cached one) to
-    avoid a second gradient pass; without it one is computed with `batch_size` as micro-batch.
+    avoid a second gradient pass (ValueError unless it has one row per unit); without it one is computed with
+    `batch_size` as micro-batch.
     """
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown layer importance method {method!r}; choose one of {', '.join(LAYER_METHODS)}")
     check_samples(samples)
     check_batch_size(batch_size)
     check_dense(model)
-    num_layers = model_spec(model).num_layers
+    spec = model_spec(model)
     if method == "taylor":
         if table is None:
             table = compute_importance(model, samples, "taylor", gradient_batch_size=batch_size, device=device,
                                        progress=progress)
-        return layer_scores_from_table(table, num_layers)
+        elif (problem := table_problem(table, spec)) is not None:  # a layer missing from it would score 0, cut first
+            raise ValueError(f"the importance table {problem}")
+        return layer_scores_from_table(table, spec.num_layers)
     with calibration_session(model, device) as dev:
         if method == "removal":
             return _removal(model, samples, dev, batch_size, progress)

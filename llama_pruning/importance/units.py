@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import nn
 
 from llama_pruning.models.arch import ModelSpec, decoder_layers
 
 GROUP_TYPES = ("attn", "mlp")
+UNIT_COLUMNS = ("layer_idx", "group_type", "group_idx")
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,29 @@ def unit_linears(model: nn.Module, spec: ModelSpec) -> list[UnitLinear]:
 def unit_counts(spec: ModelSpec) -> dict[str, int]:
     """Number of units of each group type in one layer."""
     return {"attn": spec.num_kv_heads, "mlp": spec.intermediate_size}
+
+
+def table_problem(table: pd.DataFrame, spec: ModelSpec) -> str | None:
+    """Why `table` is not a unit importance table of the model `spec` describes (one row per unit, with a numeric
+    `importance`), in words that follow "the table", or None: a unit missing from it would be taken as removable."""
+    missing = [c for c in (*UNIT_COLUMNS, "importance") if c not in table.columns]
+    if missing:
+        return f"lacks the column(s) {', '.join(missing)}"
+    if not all(pd.api.types.is_integer_dtype(table[c]) for c in ("layer_idx", "group_idx")):
+        return "has layer_idx / group_idx values that are not all integers"
+    if not pd.api.types.is_numeric_dtype(table["importance"]) or pd.api.types.is_bool_dtype(table["importance"]):
+        return "has a non-numeric importance column"
+    size = table["group_type"].map(unit_counts(spec))  # NaN for an unknown group type
+    valid = table["layer_idx"].between(0, spec.num_layers - 1) & table["group_idx"].ge(0) & table["group_idx"].lt(size)
+    if not valid.all():
+        row = table[~valid].iloc[0]
+        return f"names units the model does not have (layer {row.layer_idx} {row.group_type} {row.group_idx})"
+    repeated = table.duplicated(list(UNIT_COLUMNS))
+    if repeated.any():
+        row = table[repeated].iloc[0]
+        return f"lists a unit more than once (layer {row.layer_idx} {row.group_type} {row.group_idx})"
+    units = spec.num_layers * sum(unit_counts(spec).values())
+    if len(table) != units:  # every row a distinct unit of the model: fewer rows means units are missing
+        return (f"has {len(table):,} rows for the model's {units:,} units "
+                "(every attention group and MLP channel of every layer)")
+    return None

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from llama_pruning.importance.units import table_problem
 from llama_pruning.models.arch import ModelSpec, count_params, model_spec
 from llama_pruning.options import NORMALIZATIONS
 from llama_pruning.plan import PruningPlan
@@ -45,7 +46,11 @@ def group_table(table: pd.DataFrame, spec: ModelSpec, normalization: str = "none
     otherwise strip the first layers; the attention/MLP balance inside a layer is kept.
     `cut_penalty` a multiplies a unit's score by 1 + a r / n (r: its rank by score among its block's n units, 1 the
     cheapest), so deep cuts of one block cost more than the sum of its per-unit estimates (dev: RESULTS_NOTES).
+    SelectionError unless the table has one row per unit of the model: a missing unit would read as removable.
     """
+    problem = table_problem(table, spec)
+    if problem is not None:
+        raise SelectionError(f"the importance table {problem}")
     out = table.copy()
     out["cost"] = np.where(out["group_type"] == "attn", spec.attn_group_cost(), spec.mlp_channel_cost())
     importance = out["importance"].astype(float)

@@ -11,6 +11,8 @@ rounds each pruned layer's MLP width to the nearest multiple, as global selectio
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 from torch import nn
@@ -27,8 +29,8 @@ def parse_distribution(text: str) -> tuple[float, float]:
         attn, mlp = (float(part) for part in text.split(":"))
     except ValueError:
         raise SelectionError(f"--pruning_distribution must look like A:M (e.g. 2:8), got {text!r}") from None
-    if attn < 0 or mlp < 0 or attn + mlp == 0:
-        raise SelectionError(f"--pruning_distribution needs non-negative parts, not both zero: {text!r}")
+    if not (attn >= 0 and mlp >= 0 and 0 < attn + mlp < math.inf):  # also false for nan, inf and an overflowing sum
+        raise SelectionError(f"--pruning_distribution needs finite, non-negative parts, not both zero: {text!r}")
     return attn / (attn + mlp), mlp / (attn + mlp)
 
 
