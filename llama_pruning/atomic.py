@@ -3,7 +3,8 @@
 Writers work on a temporary sibling named `.<name>.tmp-<pid>-<random>` and rename it into place when it is
 complete; a failure removes it. A temporary left by a killed process (its pid is gone) is removed by the
 next writer into the same folder (`remove_stale`). Finished files get mode 0644 and folders 0755 (minus
-the umask), as `open` and `mkdir` would give, not the 0600/0700 of `tempfile`.
+the umask), as `open` and `mkdir` would give, not the 0600/0700 of `tempfile`. Only a folder writer replaces
+an existing folder (a run written again with --overwrite); a file writer refuses a folder at its target.
 
     with atomic_path(target) as tmp:        # tmp: a path to write (a file, or a fresh folder with directory=True)
         write_something(tmp)
@@ -64,8 +65,18 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def check_file_target(target: str | Path) -> None:
+    """Raise IsADirectoryError (one line) when `target`, where a file is to be written, is a folder: replacing it would
+    delete the folder and everything in it."""
+    if Path(target).is_dir():
+        raise IsADirectoryError(f"{target} is a folder; a file path is expected (nothing was written)")
+
+
 def replace(src: Path, target: Path) -> None:
-    """Move the finished `src` onto `target`; an existing folder there is swapped out first, then deleted."""
+    """Move the finished `src` onto `target`. A finished folder swaps out an existing folder there, which is then
+    deleted; a finished file never replaces a folder (`check_file_target`)."""
+    if not src.is_dir():
+        check_file_target(target)
     fix_modes(src)
     if not (target.is_dir() and not target.is_symlink()):
         os.replace(src, target)
@@ -78,8 +89,11 @@ def replace(src: Path, target: Path) -> None:
 
 @contextmanager
 def atomic_path(target: str | Path, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target` (a fresh folder with `directory`); rename it onto `target` on success."""
+    """Yield a temporary sibling of `target` (a fresh folder with `directory`); rename it onto `target` on success.
+    A file writer (no `directory`) whose `target` is a folder is refused before it writes anything."""
     target = Path(target)
+    if not directory:
+        check_file_target(target)
     tmp = temp_sibling(target, directory)
     try:
         yield tmp

@@ -165,9 +165,13 @@ def projection_report(config, work: Workload, device: str, available: int) -> tu
     if peak <= available:
         return "\n".join(lines), True
     flags = remedies(config, work, available)
-    if flags is None:
+    if flags is None and weight_bytes(config, "bfloat16") > available:
         lines.append("does not fit even with --dtype bfloat16 --reconstruct bias --importance_method wanda: the weights "
                      "alone need more; use a device with more memory")
+    elif flags is None:
+        lines.append("does not fit even with --dtype bfloat16 --reconstruct bias --importance_method wanda: the "
+                     f"calibration's hidden states need more ({work.num_samples} x {work.seq_len} tokens); use fewer "
+                     "--num_samples or a shorter --seq_len")
     else:
         lines.append("does not fit; these flags bring it under the device's memory: " + " ".join(flags))
     return "\n".join(lines), False

@@ -32,6 +32,7 @@ AUTO_IGNORE = {"block": "<unk>"}
 GGUF_WRITER_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 LLAMA_CPP_TYPES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 OUTTYPES = (*GGUF_WRITER_TYPES, *LLAMA_CPP_TYPES)
+DEFAULT_OUTTYPE = "f16"  # the tensor type of --save_gguf and export-gguf files unless --outtype says otherwise
 
 
 def resolve_ignore(value: str, mode: str) -> str | None:

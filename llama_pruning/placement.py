@@ -5,11 +5,15 @@ memory, then an offload folder on disk (`max_memory` caps each), and accelerate'
 weights to the execution device for each forward. The stages never take placement flags; they ask this
 module instead:
 
-- `run_device(model, device)`: where to feed inputs (a dispatched model stays where its map put it);
-- `prepare(model, device)`: the same, moving a plain model to `device` first;
+- `run_device(model, device)`: where to feed inputs (a placed model stays where its map put it);
+- `prepare(model, device)`: the same, moving a model loaded without a map to `device` first;
 - `on_device(module, device, write_back)`: a context in which `module` is an ordinary module with its real
   weights on its execution device (hooks paused), so stages can read weights, backpropagate and cut layer by
   layer; with `write_back` the cut weights are stored back where they came from (CPU dict or offload folder).
+
+A map that puts the whole model on one device (`auto` on a machine with only a CPU, or with room on one GPU)
+leaves no hooks and no `hf_device_map`: transformers dispatches only across several devices. Such a model
+counts as placed on that device; it is not moved to `--device`'s default.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 # flags a dispatched model cannot serve yet: their stages read or write every weight at once
 UNSUPPORTED_WITH_MAP = {"finetune": "--finetune", "distill": "--distill", "save_gguf": "--save_gguf",
                         "save_dtype": "--save_dtype"}
+_PLACED = "llama_pruning_placement"  # attribute naming the Placement a model was loaded with
 
 
 def parse_max_memory(text: str) -> dict[int | str, int]:
@@ -81,26 +86,38 @@ class Placement:
             kwargs["max_memory"] = self.max_memory
         model = from_pretrained(source, **kwargs)
         model.offload_folder_handle = temporary
+        setattr(model, _PLACED, self)
         return model
 
 
 def device_map_summary(model: nn.Module) -> str:
-    """How many top-level modules the map put on each device, e.g. `cpu: 3, disk: 5` (for the run log)."""
-    counts = Counter(str(device) for device in model.hf_device_map.values())
+    """How many top-level modules the map put on each device, e.g. `cpu: 3, disk: 5` (for the run log); a map
+    that chose a single device has no `hf_device_map`: `cpu: whole model`."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map is None:
+        return f"{next(model.parameters()).device}: whole model"
+    counts = Counter(str(device) for device in device_map.values())
     return ", ".join(f"{device}: {count}" for device, count in counts.items())
 
 
 def is_dispatched(model: nn.Module) -> bool:
-    """Whether accelerate's hooks place this model (loaded with a device map)."""
+    """Whether accelerate's hooks place this model (loaded with a device map over several devices)."""
     return hasattr(model, "_hf_hook")
 
 
+def is_placed(model: nn.Module) -> bool:
+    """Whether a device map decided where this model runs: dispatched, or loaded whole onto the one device it chose."""
+    return is_dispatched(model) or getattr(model, _PLACED, None) is not None
+
+
 def run_device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
-    """Where inputs go: a dispatched model's main execution device (its map decides, `device` is ignored), else `device`
+    """Where inputs go: a placed model's (main) execution device (its map decides, `device` is ignored), else `device`
     or the device of the model's first weight."""
     if is_dispatched(model):
         return torch.device(model._hf_hook.execution_device)
-    return torch.device(device) if device is not None else next(model.parameters()).device
+    if is_placed(model) or device is None:
+        return next(model.parameters()).device
+    return torch.device(device)
 
 
 def fast_bfloat16(device: torch.device) -> bool:
@@ -114,9 +131,9 @@ def fast_bfloat16(device: torch.device) -> bool:
 
 
 def prepare(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
-    """Move a plain model to `device` (when given) and return `run_device`; a dispatched model is never moved."""
+    """Move a plain model to `device` (when given) and return `run_device`; a placed model is never moved."""
     target = run_device(model, device)
-    if not is_dispatched(model) and device is not None:
+    if not is_placed(model) and device is not None:
         model.to(target)
     return target
 

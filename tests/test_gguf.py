@@ -311,6 +311,25 @@ def test_export_gguf_command(tmp_path, capsys):
     assert "no saved model" in capsys.readouterr().err
 
 
+def test_export_gguf_out_naming_a_folder_keeps_it(tmp_path, capsys, monkeypatch):
+    """--out RUN_DIR (a folder) is refused in one line before the model is loaded: the run folder stays whole."""
+    from llama_pruning.models import loading
+    from llama_pruning.models.export import save_pruned_model
+
+    tokenizer = byte_level_tokenizer("llama-bpe")
+    model = tiny_model(vocab_size=len(tokenizer), intermediate=64, head_dim=16)
+    run = tmp_path / "run"
+    save_pruned_model(model, tokenizer, run)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded before --out was checked"))
+    capsys.readouterr()  # the save's progress bars
+    assert main(["export-gguf", str(run), "--outtype", "f32", "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run} is a folder; a file path is expected (nothing was written)"
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 @pytest.mark.slow
 def test_save_gguf_on_pruning_command(tmp_path, data_dir):
     code = main(["global", "--output_root", str(tmp_path), "--save_ckpt_log_name", "g", "--pruning_ratio", "0.1",

@@ -68,6 +68,16 @@ def test_remedies_pick_the_flags_that_fit():
     assert memory.remedies(config, small, 20 * 10**9) == ["--num_samples 32", "--gradient_batch_size 1"]
 
 
+def test_a_projection_that_cannot_fit_names_what_is_too_big():
+    config = memory.SHAPES["8b"]
+    weights = memory.weight_bytes(config, "bfloat16")
+    text, fits = memory.projection_report(config, memory.Workload(), "cuda:0", weights // 2)
+    assert not fits and "the weights alone need more" in text
+    long = memory.Workload(num_samples=64, seq_len=8192)
+    text, fits = memory.projection_report(config, long, "cuda:0", weights + 2**30)
+    assert not fits and "hidden states need more (64 x 8192 tokens)" in text and "weights alone" not in text
+
+
 def test_dtype_auto_is_float32_on_cpu():
     assert pick_dtype("auto", "cpu") == "float32"
     assert pick_dtype("auto", "cuda:0") == "auto"
@@ -76,6 +86,7 @@ def test_dtype_auto_is_float32_on_cpu():
 
 def test_dry_run_reads_the_config_only_and_advises(tmp_path, monkeypatch, capsys):
     model = tiny_model(layers=2, intermediate=16)
+    model.config.max_position_embeddings = 128  # the default --seq_len's windows fit its context
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "runs"
     argv = ["global", "--base_model", str(tmp_path / "m"), "--output_root", str(out), "--device", "cpu", "--dry_run"]
@@ -89,7 +100,7 @@ def test_dry_run_reads_the_config_only_and_advises(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out.endswith("does not fit; these flags bring it under the device's memory: --dtype bfloat16\n")
     monkeypatch.setattr(memory, "device_memory", lambda device: in_bf16 // 100)
     assert main(argv) == 2
-    assert "use a device with more memory" in capsys.readouterr().out
+    assert "hidden states need more (64 x 128 tokens)" in capsys.readouterr().out  # its weights are tiny
     assert main([*argv, "--layer_end", "9"]) == 2  # bad input fails the dry run as it would fail the run
     assert "layer range" in capsys.readouterr().err and not out.exists()
 

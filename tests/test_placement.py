@@ -4,6 +4,7 @@ reconstructs and evaluates exactly like the same model held whole on one device.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ import torch
 from llama_pruning.evaluation.ppl import window_perplexity
 from llama_pruning.importance import compute_importance, layer_importance
 from llama_pruning.models import load_model
-from llama_pruning.placement import Placement, parse_max_memory
+from llama_pruning.placement import Placement, device_map_summary, parse_max_memory, prepare, run_device
 from llama_pruning.reconstruct import prune_with_reconstruction
 from llama_pruning.selection import global_plan
 from tests.test_cli import FAST, run_cli
+from tests.test_reliability import make_tiny_dir
 from tests.tiny import tiny_model
 
 
@@ -81,6 +83,29 @@ def test_offloaded_layer_importance_matches(tiny_folder, tmp_path):
                 == layer_importance(placed, samples, method, progress=False))
 
 
+def test_map_onto_one_device_is_placed_there(tiny_folder):
+    """A map that puts the whole model on one device (here the CPU, capped by max_memory) leaves no hooks and no
+    hf_device_map; the model still counts as placed there: the log line names it and no --device moves it."""
+    folder, _ = tiny_folder
+    placed, _ = load_model(str(folder), dtype="float32", tokenizer=False, placement=Placement("auto", {"cpu": 2**30}))
+    assert not hasattr(placed, "hf_device_map")
+    assert device_map_summary(placed) == "cpu: whole model"
+    cpu = torch.device("cpu")
+    assert run_device(placed, "meta") == cpu and prepare(placed, "meta") == cpu
+    assert {p.device for p in placed.parameters()} == {cpu}
+
+
+def test_global_with_device_map_auto_on_one_device(tmp_path, capsys):
+    """`--device_map auto` where the model fits on one device (a CPU-only machine, or one GPU) runs there."""
+    from llama_pruning.cli.main import main
+
+    folder = make_tiny_dir(tmp_path / "tiny")
+    assert main(["global", "--base_model", str(folder), "--output_root", str(tmp_path / "runs"), "--num_samples", "4",
+                 "--seq_len", "32", "--reconstruct", "none", "--importance_method", "taylor", "--device_map", "auto"]) == 0
+    log = next((tmp_path / "runs" / "global_pruning").glob("2*/training.log")).read_text()
+    assert re.search(r"device map \(auto\): (cpu|cuda:0): whole model\n", log), log
+
+
 def test_max_memory_parsing():
     assert parse_max_memory("0=20GiB, 1=1.5GB,cpu=60MiB") == {0: 20 * 2**30, 1: 1_500_000_000, "cpu": 60 * 2**20}
     assert parse_max_memory("cpu=1000") == {"cpu": 1000}
@@ -144,7 +169,8 @@ def test_dry_run_with_a_device_map_does_not_refuse(tiny_folder, tmp_path, monkey
 
     folder, _ = tiny_folder
     monkeypatch.setattr(memory, "device_memory", lambda device: 1)
-    argv = ["global", "--base_model", str(folder), "--output_root", str(tmp_path / "runs"), "--dry_run"]
+    argv = ["global", "--base_model", str(folder), "--output_root", str(tmp_path / "runs"), "--dry_run",
+            "--seq_len", "32"]  # within the tiny model's context
     assert main(argv) == 2
     assert main([*argv, "--device_map", "auto"]) == 0
     assert "with --device_map the weights are spread" in capsys.readouterr().out

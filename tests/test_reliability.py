@@ -267,6 +267,35 @@ def test_atomic_helper_modes_cleanup_and_restore(tmp_path):
     assert len(lines) == 2
 
 
+def test_file_writers_refuse_a_folder_and_leave_it_intact(tmp_path):
+    """Only a folder writer replaces a folder: a file written onto one (write_text, atomic_path, a plan, a bare
+    replace) is refused in one line, the folder and its files stay, and no temporary is left behind."""
+    folder = tmp_path / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "sub" / "log.txt").write_text("log")
+    before = snapshot(folder)
+    written: list[Path] = []
+    message = f"{folder} is a folder; a file path is expected"
+    with pytest.raises(IsADirectoryError, match=message):
+        atomic.write_text(folder, "{}")
+    with pytest.raises(IsADirectoryError, match=message), atomic.atomic_path(folder) as tmp:
+        written.append(tmp)  # never reached: the expensive write must not start
+    with pytest.raises(IsADirectoryError, match=message):
+        PruningPlan.from_dict(plan_dict()).save(folder)
+    loose = tmp_path / "loose.bin"
+    loose.write_bytes(b"x")
+    with pytest.raises(IsADirectoryError, match=message):
+        atomic.replace(loose, folder)
+    assert not written and snapshot(folder) == before and loose.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loose.bin", "run"]
+    # a folder writer still swaps the old folder out for the new one (the --overwrite path)
+    with atomic.atomic_path(folder, directory=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert snapshot(folder) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loose.bin", "run"]
+
+
 # 4. plan files are checked by type and range ---------------------------------------------------------------------
 PLAN_CASES = [
     ({"attn_groups": 5}, "attn_groups"),
@@ -320,6 +349,13 @@ def test_unavailable_device_names_the_available_ones(device, tiny_dir, tmp_path,
     one_line_error(capsys)
 
 
+def test_no_device_means_the_default_one_and_odd_values_are_one_line():
+    check_device(None)  # no --device: the default device, which every machine has
+    for odd in ([0], 1.5, object()):
+        with pytest.raises(ValueError, match="is not available here; available: cpu"):
+            check_device(odd)
+
+
 # 6. + 7. validation before weights or data, and the right words -------------------------------------------------
 @pytest.fixture
 def no_weights(monkeypatch):
@@ -333,6 +369,8 @@ def no_weights(monkeypatch):
     ("global", ["--layer_end", "7"], "layer range [0, 7)"),
     ("global", ["--eval_max_windows", "-5"], "must be >= 0, got -5"),
     ("global", ["--finetune", "--lora_r", "0"], "lora_r must be at least 1"),
+    ("global", ["--seq_len", "257"], "--seq_len 257 is longer than the model's context (256 tokens"),
+    ("layer", ["--outtype", "q4_0"], "--outtype q4_0 is the type of the --save_gguf file: add --save_gguf"),
 ])
 def test_late_flags_are_checked_first(command, extra, message, tiny_dir, tmp_path, capsys, no_weights):
     out = tmp_path / "runs"
@@ -363,6 +401,9 @@ def test_wrong_words(tiny_dir, tmp_path, capsys, no_weights):
     assert "hub said" not in err and f"cannot read the model folder {empty}" in err
     assert main(["global", "--base_model", str(tiny_dir), "--dataset", str(tmp_path / "binary.txt"), *runs]) == 2
     assert f"{tmp_path / 'binary.txt'} is not UTF-8 text" in one_line_error(capsys)
+    (tmp_path / "blank.txt").write_text("\n   \n\t\n")
+    assert main(["global", "--base_model", str(tiny_dir), "--dataset", str(tmp_path / "blank.txt"), *runs]) == 2
+    assert f"{tmp_path / 'blank.txt'} holds no text" in one_line_error(capsys)
 
 
 def test_replayed_plan_records_what_made_it(tiny_dir, tmp_path):
@@ -375,6 +416,29 @@ def test_replayed_plan_records_what_made_it(tiny_dir, tmp_path):
     assert (metadata["pruning_ratio"], metadata["importance_method"]) == (0.1, "magnitude")
     description = (out / "b" / "description.txt").read_text()
     assert "pruning_ratio: 0.1\n" in description and "importance_method: magnitude\n" in description
+
+
+def test_replayed_plan_refuses_selection_flags_it_would_ignore(tiny_dir, tmp_path, capsys, no_weights):
+    plan = random_plan(load_model(str(tiny_dir), device="cpu")[0], seed=1)
+    plan.save(tmp_path / PLAN_FILENAME)
+    capsys.readouterr()
+    replay = ["--base_model", str(tiny_dir), "--output_root", str(tmp_path / "runs"), *CHEAP, "--plan",
+              str(tmp_path / PLAN_FILENAME)]
+    assert cli(["global", *replay, "--pruning_ratio", "0.5", "--importance_method", "magnitude"]) == 2
+    err = one_line_error(capsys)
+    assert "--pruning_ratio 0.5, --importance_method magnitude would not be used" in err
+    assert cli(["layer", *replay, "--remove_layers", "1"]) == 2
+    assert "--remove_layers 1 would not be used" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_plan_that_misses_the_ratio_is_logged_as_a_warning(tiny_dir, tmp_path, capsys):
+    run = ["--base_model", str(tiny_dir), "--output_root", str(tmp_path / "runs"), *CHEAP, "--pruning_ratio", "0.2"]
+    assert main(["global", *run, "--save_ckpt_log_name", "exact"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["global", *run, "--save_ckpt_log_name", "rounded", "--round_to", "64"]) == 0  # every MLP whole
+    out = capsys.readouterr().out
+    assert "warning: the plan removes" in out and "not the 20.00% asked for (with --round_to 64)" in out
 
 
 # fuzz -----------------------------------------------------------------------------------------------------------

@@ -87,6 +87,47 @@ def test_eval_command_end_to_end(tmp_path, capsys):
                             "fastest of 1 timed runs")
 
 
+def test_eval_without_device_runs_on_the_default_device(tmp_path, capsys):
+    """`eval MODEL_DIR` as the README writes it (no --device) profiles on cuda when there is one, else on the CPU."""
+    from llama_pruning.cli.main import main
+    from llama_pruning.models.loading import default_device
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    assert main(["eval", str(tmp_path / "dense"), "--in_process", "--prefill_len", "8", "--decode_tokens", "2",
+                 "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"measured on {default_device()} in float32 ") for line in lines), lines
+
+
+def test_eval_json_into_a_folder_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    """--json naming a folder: one line, exit 2, before any model is loaded; the folder and its files stay."""
+    from llama_pruning.cli.main import main
+    from llama_pruning.evaluation import speed
+
+    tiny_model().save_pretrained(tmp_path / "dense")
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    (folder / "earlier.json").write_text("{}")
+    monkeypatch.setattr(speed, "compare", lambda *a, **k: pytest.fail("models were profiled before --json was checked"))
+    capsys.readouterr()  # the save's progress bars
+    assert main(["eval", str(tmp_path / "dense"), "--device", "cpu", "--json", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {folder} is a folder; a file path is expected (nothing was written)"
+    assert sorted(p.name for p in folder.iterdir()) == ["earlier.json"] and (folder / "earlier.json").read_text() == "{}"
+
+
+def test_eval_longer_than_the_context_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    from llama_pruning.cli.main import main
+    from llama_pruning.evaluation import speed
+
+    tiny_model().save_pretrained(tmp_path / "dense")  # a 64-token context
+    monkeypatch.setattr(speed, "compare", lambda *a, **k: pytest.fail("models were profiled before the lengths were checked"))
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "dense"), "--device", "cpu", "--prefill_len", "60", "--decode_tokens", "5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --prefill_len 60 + --decode_tokens 5 tokens are more than") and "(64 tokens" in err
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ProfileError, match="cannot load model"):
         load_for_profile(str(tmp_path / "nothing"), "cpu", "float32")

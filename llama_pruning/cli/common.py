@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from llama_pruning.options import (
     DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
     DEFAULT_MODEL,
+    DEFAULT_OUTTYPE,
     DEFAULT_RIDGE,
     DEFAULT_SAMPLES,
     DEFAULT_TAYLOR_2ND_VARIANT,
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `-
     # a command's own checks of its flags against the model's layer count, run before anything is loaded
     Check = Callable[[argparse.Namespace, int], None]
 
+RATIO_TOLERANCE = 0.01  # a plan further than this from --pruning_ratio (of all parameters) is logged as a warning
 UNIT_TABLE = "unit_table.csv"  # every unit of the run: importance, cost, score, pruned (global and layer-wise runs)
 
 
@@ -225,7 +228,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="dtype of the saved weights (default: as pruned)")
     p.add_argument("--save_gguf", action="store_true",
                    help="also write the pruned model as model-<outtype>.gguf for llama.cpp / Ollama in the run folder")
-    p.add_argument("--outtype", choices=OUTTYPES, default="f16", help="tensor type of the --save_gguf file")
+    p.add_argument("--outtype", choices=OUTTYPES, default=DEFAULT_OUTTYPE, help="tensor type of the --save_gguf file")
     add_recovery_arguments(parser)
 
 
@@ -307,7 +310,12 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     if args.importance_ignore is not None and plan is None and args.importance_method not in GRADIENT_METHODS:
         raise ValueError(f"--importance_ignore leaves tokens out of a loss: it applies to {', '.join(GRADIENT_METHODS)}, "
                          f"not {args.importance_method}")
-    geometry = config_geometry(check_model(args.base_model, args.trust_remote_code))
+    config = check_model(args.base_model, args.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None)
+    if context and args.seq_len > context:
+        raise ValueError(f"--seq_len {args.seq_len} is longer than the model's context ({context} tokens, "
+                         "max_position_embeddings)")
+    geometry = config_geometry(config)
     if plan is not None:
         diff = {k: (plan.spec[k], v) for k, v in geometry.items() if plan.spec[k] != v}
         if diff:
@@ -315,6 +323,10 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
                             f"mismatched (plan, model): {diff}")
         if getattr(args, "iterative_steps", 1) > 1:
             raise PlanError("--iterative_steps chooses the units step by step; a replayed --plan has them already")
+        unused = selection_flags_given(args)
+        if unused:
+            raise PlanError(f"--plan replays the units {args.plan} holds, so {', '.join(unused)} would not be used: "
+                            "drop them, or drop --plan to choose new units")
     elif check is not None:
         check(args, geometry["num_layers"])
     if plan is None or args.reconstruct != "none":
@@ -326,11 +338,31 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     return plan
 
 
+# flags that only choose units: a replayed --plan has its units already (iterative_steps is refused on its own)
+SELECTION_FLAGS = ("pruning_ratio", "importance_method", "taylor_2nd_variant", "importance_ignore", "remove_empty_layers",
+                   "layer_start", "layer_end", "normalization", "cut_penalty", "pruning_distribution", "pruning_strategy",
+                   "layer_importance_method", "freeze_top_n_layers", "remove_layers")
+
+
+def selection_flags_given(args: argparse.Namespace) -> list[str]:
+    """The command's selection flags whose value is not its default (nor --fast's), as `--flag value`."""
+    parser = argparse.ArgumentParser(add_help=False)
+    sys.modules[args.func.__module__].add_arguments(parser)
+    defaults = {name: parser.get_default(name) for name in SELECTION_FLAGS}
+    if args.fast:
+        defaults.update((name, value) for name, value in FAST_SETTINGS.items() if name in defaults)
+    return [f"--{name} {getattr(args, name)}" for name in SELECTION_FLAGS
+            if hasattr(args, name) and getattr(args, name) != defaults[name]]
+
+
 def prepare_gguf(args: argparse.Namespace) -> None:
     """Check --outtype before any work and default --round_to to its quant block (32; 256 for k-quants) with --save_gguf."""
     from llama_pruning.models.gguf_export import check_outtype, quant_block
 
     if not args.save_gguf:
+        if args.outtype != DEFAULT_OUTTYPE:
+            raise ValueError(f"--outtype {args.outtype} is the type of the --save_gguf file: add --save_gguf, or drop "
+                             "--outtype (export a saved run later with `llama-pruning export-gguf`)")
         args.round_to = args.round_to or 1
         return
     check_outtype(args.outtype)
@@ -352,7 +384,8 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
         dtype=memory.checkpoint_dtype(config) if dtype == "auto" else dtype, num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.gradient_batch_size,
         reconstruct_samples=args.reconstruct_samples,
-        importance=args.importance_method, reconstruct=args.reconstruct, span=args.reconstruct_span)
+        importance="replayed plan" if args.plan else args.importance_method, reconstruct=args.reconstruct,
+        span=args.reconstruct_span)
     return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
 
@@ -438,6 +471,12 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
         log(f"plan: {report['params_before']:,} -> {report['params_after']:,} parameters "
             f"({1 - report['params_after'] / report['params_before']:.2%} removed); "
             f"deleted layers: {report['removed_layers']}")
+        removed = 1 - report["params_after"] / report["params_before"]
+        if replayed is None and args.pruning_ratio and abs(removed - args.pruning_ratio) > RATIO_TOLERANCE:
+            bounds = [f"--round_to {args.round_to}"] if args.round_to > 1 else []
+            bounds += [f"--remove_layers {args.remove_layers}"] if getattr(args, "remove_layers", 0) else []
+            log(f"warning: the plan removes {removed:.2%} of the parameters, not the {args.pruning_ratio:.2%} asked for"
+                + (f" (with {' and '.join(bounds)})" if bounds else ""))
         selected = time.perf_counter()
         teacher = (lambda: load_model(args.base_model, dtype=args.dtype, device=args.device,
                                       trust_remote_code=args.trust_remote_code)[0]) if args.distill else None

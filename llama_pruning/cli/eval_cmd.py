@@ -37,13 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Profile MODEL_DIR (and its dense base), print a table, optionally write JSON; 0 on success."""
     from llama_pruning.evaluation.speed import base_model_of, compare, format_report
-    from llama_pruning.models.loading import check_device, check_model
+    from llama_pruning.models.loading import check_device, check_model, default_device
 
+    if args.json is not None:  # refused now, not after minutes of timing
+        atomic.check_file_target(args.json)
+    args.device = args.device or default_device()
     check_device(args.device)
     base_model = args.base_model or base_model_of(args.model_dir)
     for name in (args.model_dir, base_model):  # both checked before either is loaded or timed
         if name is not None:
-            check_model(name, args.trust_remote_code)
+            context = getattr(check_model(name, args.trust_remote_code), "max_position_embeddings", None)
+            if context and args.prefill_len + args.decode_tokens > context:
+                raise ValueError(f"--prefill_len {args.prefill_len} + --decode_tokens {args.decode_tokens} tokens are more "
+                                 f"than {name}'s context ({context} tokens, max_position_embeddings)")
     report = compare(
         args.model_dir,
         base_model=base_model,

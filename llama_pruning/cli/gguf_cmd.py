@@ -35,6 +35,7 @@ def format_counts(counts: dict[str, int]) -> str:
 
 def export_saved_model(model_ref: str, outtype: str, out: Path | None, allow_fallback: bool = False) -> tuple[Path, dict]:
     """Load a saved (pruned) model folder, an alias or an HF id and export it; returns (file, tensors per type)."""
+    from llama_pruning.atomic import check_file_target
     from llama_pruning.models.gguf_export import check_outtype, export_gguf
     from llama_pruning.models.loading import load_model
     from llama_pruning.plan import PLAN_FILENAME, PruningPlan
@@ -46,6 +47,7 @@ def export_saved_model(model_ref: str, outtype: str, out: Path | None, allow_fal
     plan = PruningPlan.load(folder / PLAN_FILENAME) if (folder / PLAN_FILENAME).is_file() else None
     if out is None:
         out = folder / f"model-{outtype}.gguf" if folder.is_dir() else Path(f"{model_ref.replace('/', '--')}-{outtype}.gguf")
+    check_file_target(out)  # before the model is loaded and converted
     model, tokenizer = load_model(model_ref, dtype="float32", device="cpu")
     base = plan.base_model if plan is not None else model_ref
     counts = export_gguf(model, tokenizer, out, outtype, source_gguf=source_gguf(base),

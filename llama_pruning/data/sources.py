@@ -238,7 +238,10 @@ def load_text(dataset: str, split: Split = "evaluation") -> TextSource:
     if is_local_path(dataset):
         if split == "calibration" and Path(dataset).name in _EVALUATION_FILES:
             raise DataError(f"{dataset} is an evaluation split: calibration must never use test text")
-        return TextSource(dataset, str(dataset), clean_rows(read_file_rows(dataset)), "\n\n")
+        rows = clean_rows(read_file_rows(dataset))
+        if not rows:  # refused now, not after the model has loaded to tokenize it
+            raise DataError(f"{dataset} holds no text")
+        return TextSource(dataset, str(dataset), rows, "\n\n")
     info = DATASETS.get(dataset)
     if info is None:
         raise DataError(

@@ -70,11 +70,14 @@ def available_devices() -> list[str]:
     return devices
 
 
-def check_device(name: str) -> None:
-    """Raise ValueError, naming the available devices, unless `name` is a device this machine has."""
+def check_device(name: str | torch.device | None) -> None:
+    """Raise ValueError, naming the available devices, unless `name` is a device this machine has; None stands for
+    `default_device()`, as in every command without --device."""
+    if name is None:
+        name = default_device()
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
+    except (RuntimeError, ValueError, TypeError):  # TypeError: not a device name at all (a number list, an object)
         device = None
     ok = device is not None and (
         device.type == "cpu"
