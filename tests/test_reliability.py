@@ -209,7 +209,18 @@ def test_overwrite_keeps_old_outputs_until_the_new_run_is_complete(tiny_dir, tmp
     assert main([*base, "--overwrite", "--base_model", str(tiny_dir)]) == 0
     after = snapshot(out / "r1")
     assert "model.safetensors" not in after and not set(after) & {k for k in before if "/" in k}
+    assert "replacing the earlier run in" in next((out / "r1").glob("2*/training.log")).read_text()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".importance_cache") == []
+
+
+def test_overwrite_refuses_a_folder_that_holds_no_run(tiny_dir, tmp_path, capsys, no_weights):
+    folder = tmp_path / "Documents"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("years of work")
+    argv = ["global", "--base_model", str(tiny_dir), "--output_root", str(tmp_path), *CHEAP, "--overwrite"]
+    assert main([*argv, "--save_ckpt_log_name", "Documents"]) == 2
+    assert "holds files but no llama-pruning run" in one_line_error(capsys)
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"] and (folder / "thesis.tex").read_text() == "years of work"
 
 
 # 3. an interrupted save never looks like a model, and the next run cleans up ------------------------------------
@@ -371,6 +382,8 @@ def no_weights(monkeypatch):
     ("global", ["--finetune", "--lora_r", "0"], "lora_r must be at least 1"),
     ("global", ["--seq_len", "257"], "--seq_len 257 is longer than the model's context (256 tokens"),
     ("layer", ["--outtype", "q4_0"], "--outtype q4_0 is the type of the --save_gguf file: add --save_gguf"),
+    ("global", ["--importance_cache", str(Path(__file__))], "is a file, not a folder (or `none` for no cache)"),
+    ("global", ["--output_root", str(Path(__file__))], f"--output_root {Path(__file__)} is a file, not a folder"),
 ])
 def test_late_flags_are_checked_first(command, extra, message, tiny_dir, tmp_path, capsys, no_weights):
     out = tmp_path / "runs"

@@ -303,6 +303,9 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     from llama_pruning.reporting import RunDir
 
     RunDir.check(args.output_root, args.save_ckpt_log_name, args.overwrite)
+    cache = args.importance_cache
+    if cache is not None and cache.lower() != "none" and Path(cache).exists() and not Path(cache).is_dir():
+        raise ValueError(f"--importance_cache {cache} is a file, not a folder (or `none` for no cache)")
     check_device(args.device)
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use

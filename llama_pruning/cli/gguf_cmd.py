@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from llama_pruning.options import DEFAULT_MODEL, GGUF_WRITER_TYPES, OUTTYPES
+from llama_pruning.options import DEFAULT_MODEL, DEFAULT_OUTTYPE, GGUF_WRITER_TYPES, OUTTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the export-gguf command."""
     parser.add_argument("model", metavar="RUN_OR_MODEL_DIR",
                         help=f"run folder pruned with --save_model, a saved model folder, {DEFAULT_MODEL} or an HF id")
-    parser.add_argument("--outtype", default="f16", choices=OUTTYPES,
+    parser.add_argument("--outtype", default=DEFAULT_OUTTYPE, choices=OUTTYPES,
                         help=f"tensor type: {', '.join(GGUF_WRITER_TYPES)} are written by the gguf package; k-quants "
                              "(q4_k_m...) by llama.cpp's quantizer (pip install 'llama-pruning[gguf]')")
     parser.add_argument("--out", type=Path, default=None,

@@ -20,6 +20,20 @@ class RunExistsError(ValueError):
     """The run name is already used and --overwrite was not given."""
 
 
+RUN_FILES = ("description.txt", "pruning_plan.json", "metrics.json")  # what every finished run folder holds
+
+
+def _is_stamp(path: Path) -> bool:
+    """A run's `<YYYYMMDD_HHMMSS>/` log folder."""
+    return path.is_dir() and path.name[:8].isdigit()
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` was written by a pruning run (finished, or failed early with only its log)."""
+    return (any((folder / name).is_file() for name in RUN_FILES)
+            or any(_is_stamp(p) and (p / "training.log").is_file() for p in folder.iterdir()))
+
+
 class RunDir:
     """Owns `root/name/`; everything the run prints also goes to `<YYYYMMDD_HHMMSS>/training.log`.
 
@@ -34,12 +48,17 @@ class RunDir:
         """The run's final folder; ValueError for a bad name or one already used without `overwrite` (checked first)."""
         if not name or Path(name).name != name or name.startswith("."):
             raise ValueError(f"--save_ckpt_log_name must be a plain folder name, got {name!r}")
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ValueError(f"--output_root {root} is a file, not a folder")
         final = Path(root) / name
         if final.exists() and not final.is_dir():
             raise RunExistsError(f"{final} exists and is not a folder; choose another --save_ckpt_log_name")
         # a folder holding only timestamped logs is a run that failed early: reusing its name is fine
-        if final.is_dir() and not overwrite and any(not (p.is_dir() and p.name[:8].isdigit()) for p in final.iterdir()):
+        if final.is_dir() and not overwrite and any(not _is_stamp(p) for p in final.iterdir()):
             raise RunExistsError(f"{final} already exists; choose another --save_ckpt_log_name or pass --overwrite")
+        if final.is_dir() and overwrite and any(final.iterdir()) and not is_run_folder(final):
+            raise RunExistsError(f"{final} holds files but no llama-pruning run (no {RUN_FILES[0]}, no training log), and "
+                                 "--overwrite replaces only runs: choose another --save_ckpt_log_name or --output_root")
         return final
 
     def __init__(self, root: str | Path, name: str, overwrite: bool = False):
@@ -71,6 +90,8 @@ class RunDir:
 
     def commit(self) -> None:
         """Put the finished run in place of `final`; an earlier run there is deleted only now."""
+        if self.final.is_dir():
+            self.log(f"replacing the earlier run in {self.final} (--overwrite)")
         atomic.replace(self.path, self.final)
         self.path, self.log_dir = self.final, self.final / self.stamp
 
