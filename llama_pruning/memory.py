@@ -165,13 +165,12 @@ def projection_report(config, work: Workload, device: str, available: int) -> tu
     if peak <= available:
         return "\n".join(lines), True
     flags = remedies(config, work, available)
+    tried = " ".join(flag for flag, _ in _REMEDIES)
     if flags is None and weight_bytes(config, "bfloat16") > available:
-        lines.append("does not fit even with --dtype bfloat16 --reconstruct bias --importance_method wanda: the weights "
-                     "alone need more; use a device with more memory")
+        lines.append(f"does not fit even with {tried}: the weights alone need more; use a device with more memory")
     elif flags is None:
-        lines.append("does not fit even with --dtype bfloat16 --reconstruct bias --importance_method wanda: the "
-                     f"calibration's hidden states need more ({work.num_samples} x {work.seq_len} tokens); use fewer "
-                     "--num_samples or a shorter --seq_len")
+        lines.append(f"does not fit even with {tried}: what {work.seq_len}-token windows hold (hidden states, logits) "
+                     "needs more than the weights leave; use a shorter --seq_len")
     else:
         lines.append("does not fit; these flags bring it under the device's memory: " + " ".join(flags))
     return "\n".join(lines), False

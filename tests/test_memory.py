@@ -75,7 +75,7 @@ def test_a_projection_that_cannot_fit_names_what_is_too_big():
     assert not fits and "the weights alone need more" in text
     long = memory.Workload(num_samples=64, seq_len=8192)
     text, fits = memory.projection_report(config, long, "cuda:0", weights + 2**30)
-    assert not fits and "hidden states need more (64 x 8192 tokens)" in text and "weights alone" not in text
+    assert not fits and "what 8192-token windows hold" in text and "--seq_len" in text and "weights alone" not in text
 
 
 def test_dtype_auto_is_float32_on_cpu():
@@ -100,7 +100,7 @@ def test_dry_run_reads_the_config_only_and_advises(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out.endswith("does not fit; these flags bring it under the device's memory: --dtype bfloat16\n")
     monkeypatch.setattr(memory, "device_memory", lambda device: in_bf16 // 100)
     assert main(argv) == 2
-    assert "hidden states need more (64 x 128 tokens)" in capsys.readouterr().out  # its weights are tiny
+    assert "what 128-token windows hold" in capsys.readouterr().out  # its weights are tiny
     assert main([*argv, "--layer_end", "9"]) == 2  # bad input fails the dry run as it would fail the run
     assert "layer range" in capsys.readouterr().err and not out.exists()
 

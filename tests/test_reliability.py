@@ -221,6 +221,21 @@ def test_overwrite_refuses_a_folder_that_holds_no_run(tiny_dir, tmp_path, capsys
     assert main([*argv, "--save_ckpt_log_name", "Documents"]) == 2
     assert "holds files but no llama-pruning run" in one_line_error(capsys)
     assert [p.name for p in folder.iterdir()] == ["thesis.tex"] and (folder / "thesis.tex").read_text() == "years of work"
+    photos = tmp_path / "Photos" / "20230615"  # dated folders alone look like a failed run's logs, but hold no log
+    photos.mkdir(parents=True)
+    (photos / "img.jpg").write_bytes(b"jpeg")
+    assert main([*argv[:-1], "--save_ckpt_log_name", "Photos"]) == 2
+    assert "holds files but no llama-pruning run" in one_line_error(capsys)
+    assert (photos / "img.jpg").read_bytes() == b"jpeg"
+    # what runs leave is replaced: an older run's outputs (with --overwrite), a failed run's log alone (without)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "description.txt").write_text("an older run")
+    (tmp_path / "failed" / "20260101_000000").mkdir(parents=True)
+    (tmp_path / "failed" / "20260101_000000" / "training.log").write_text("run failed")
+    assert main([*argv, "--save_ckpt_log_name", "old", "--dry_run"]) == 0
+    assert main([*argv[:-1], "--save_ckpt_log_name", "failed", "--dry_run"]) == 0
+    assert main([*argv[:-1], "--save_ckpt_log_name", "old", "--dry_run"]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 # 3. an interrupted save never looks like a model, and the next run cleans up ------------------------------------
@@ -382,13 +397,25 @@ def no_weights(monkeypatch):
     ("global", ["--finetune", "--lora_r", "0"], "lora_r must be at least 1"),
     ("global", ["--seq_len", "257"], "--seq_len 257 is longer than the model's context (256 tokens"),
     ("layer", ["--outtype", "q4_0"], "--outtype q4_0 is the type of the --save_gguf file: add --save_gguf"),
-    ("global", ["--importance_cache", str(Path(__file__))], "is a file, not a folder (or `none` for no cache)"),
+    ("global", ["--importance_cache", str(Path(__file__))], f"the importance cache {Path(__file__)} is a file"),
     ("global", ["--output_root", str(Path(__file__))], f"--output_root {Path(__file__)} is a file, not a folder"),
 ])
 def test_late_flags_are_checked_first(command, extra, message, tiny_dir, tmp_path, capsys, no_weights):
     out = tmp_path / "runs"
     assert cli([command, "--base_model", str(tiny_dir), "--output_root", str(out), *CHEAP, *extra]) == 2
     assert message in one_line_error(capsys) and not out.exists()
+
+
+def test_windows_past_a_scaled_rope_context_are_allowed(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=32,
+                         rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    argv = ["global", "--base_model", str(tmp_path / "m"), "--output_root", str(tmp_path / "runs"), "--device", "cpu",
+            "--dry_run", "--seq_len", "100"]
+    assert cli(argv) == 0, capsys.readouterr().err  # dynamic scaling stretches the 32-token context at run time
 
 
 def test_missing_evaluation_file_is_named_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, no_weights,
@@ -442,7 +469,13 @@ def test_replayed_plan_refuses_selection_flags_it_would_ignore(tiny_dir, tmp_pat
     assert "--pruning_ratio 0.5, --importance_method magnitude would not be used" in err
     assert cli(["layer", *replay, "--remove_layers", "1"]) == 2
     assert "--remove_layers 1 would not be used" in one_line_error(capsys)
+    assert cli(["global", *replay, "--save_gguf", "--round_to", "64"]) == 2
+    assert "--round_to 64 would not be used" in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
+    # what replaying does use, flags at their defaults, --fast's settings and --save_gguf's own --round_to pass
+    for extra in (["--fast"], ["--save_gguf"], ["--pruning_ratio", "0.2", "--importance_method", "obs"],
+                  ["--seq_len", "1000"]):  # longer than the context: no calibration runs without reconstruction
+        assert cli(["global", *replay, *extra, "--dry_run"]) == 0, extra
 
 
 def test_a_plan_that_misses_the_ratio_is_logged_as_a_warning(tiny_dir, tmp_path, capsys):

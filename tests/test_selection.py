@@ -97,6 +97,8 @@ def test_selection_rejects_a_table_that_is_not_one_row_per_unit():
     table = rigged_table(model, -1)
     repeated = table.copy()
     repeated.loc[5, "group_idx"] = 0  # as many rows as units, one of them twice and one missing
+    blank = table.copy()
+    blank.loc[[3, 9], "importance"] = np.nan  # blank cells of a cached CSV read back as NaN
     bad = {
         "has 40 rows for the model's 60 units": table[table.layer_idx < 2],  # a truncated table: layer 2 missing
         "has 59 rows": table.drop(index=7),
@@ -105,6 +107,7 @@ def test_selection_rejects_a_table_that_is_not_one_row_per_unit():
         "lacks the column(s) group_type, importance": table.drop(columns=["group_type", "importance"]),
         "has layer_idx / group_idx values that are not all integers": table.astype({"layer_idx": float}),
         "has a non-numeric importance column": table.astype({"importance": str}),
+        "has 2 missing importance value(s)": blank,
     }
     for reason, incomplete in bad.items():
         for select in (lambda t: global_plan(model, t, 0.2, remove_empty_layers=True),

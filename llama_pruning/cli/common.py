@@ -257,6 +257,11 @@ def importance_label(args: argparse.Namespace) -> str:
     return f"{args.importance_method} (units), {layer_method} (layers)"
 
 
+def importance_cache_dir(args: argparse.Namespace) -> str:
+    """--importance_cache, by default `.importance_cache` under --output_root (`none`: no cache)."""
+    return args.importance_cache or str(Path(args.output_root) / ".importance_cache")
+
+
 def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.Tensor, ignore: torch.Tensor | None,
                      cached: bool = True) -> pd.DataFrame:
     """Unit importance for the run's method, from the cache when this (model, data, method, left-out tokens) was seen
@@ -265,7 +270,7 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
                   taylor_2nd_variant=args.taylor_2nd_variant, ignore=ignore)
-    cache = args.importance_cache or str(Path(args.output_root) / ".importance_cache")
+    cache = importance_cache_dir(args)
     if not cached or cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
     key = {"dataset": args.dataset, "seed": args.seed}
@@ -303,9 +308,10 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     from llama_pruning.reporting import RunDir
 
     RunDir.check(args.output_root, args.save_ckpt_log_name, args.overwrite)
-    cache = args.importance_cache
-    if cache is not None and cache.lower() != "none" and Path(cache).exists() and not Path(cache).is_dir():
-        raise ValueError(f"--importance_cache {cache} is a file, not a folder (or `none` for no cache)")
+    cache = importance_cache_dir(args)
+    if cache.lower() != "none" and Path(cache).exists() and not Path(cache).is_dir():
+        raise ValueError(f"the importance cache {cache} is a file, not a folder (--importance_cache names another "
+                         "folder, or `none` for no cache)")
     check_device(args.device)
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
@@ -315,7 +321,11 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
                          f"not {args.importance_method}")
     config = check_model(args.base_model, args.trust_remote_code)
     context = getattr(config, "max_position_embeddings", None)
-    if context and args.seq_len > context:
+    calibrates = plan is None or args.reconstruct != "none"
+    # with rope scaling the config's context can be the pre-scaling length, and longer windows are what it is for
+    rope = getattr(config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    if calibrates and context and not scaled and args.seq_len > context:
         raise ValueError(f"--seq_len {args.seq_len} is longer than the model's context ({context} tokens, "
                          "max_position_embeddings)")
     geometry = config_geometry(config)
@@ -326,10 +336,6 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
                             f"mismatched (plan, model): {diff}")
         if getattr(args, "iterative_steps", 1) > 1:
             raise PlanError("--iterative_steps chooses the units step by step; a replayed --plan has them already")
-        unused = selection_flags_given(args)
-        if unused:
-            raise PlanError(f"--plan replays the units {args.plan} holds, so {', '.join(unused)} would not be used: "
-                            "drop them, or drop --plan to choose new units")
     elif check is not None:
         check(args, geometry["num_layers"])
     if plan is None or args.reconstruct != "none":
@@ -343,19 +349,27 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
 
 # flags that only choose units: a replayed --plan has its units already (iterative_steps is refused on its own)
 SELECTION_FLAGS = ("pruning_ratio", "importance_method", "taylor_2nd_variant", "importance_ignore", "remove_empty_layers",
-                   "layer_start", "layer_end", "normalization", "cut_penalty", "pruning_distribution", "pruning_strategy",
-                   "layer_importance_method", "freeze_top_n_layers", "remove_layers")
+                   "layer_start", "layer_end", "normalization", "cut_penalty", "round_to", "pruning_distribution",
+                   "pruning_strategy", "layer_importance_method", "freeze_top_n_layers", "remove_layers")
 
 
-def selection_flags_given(args: argparse.Namespace) -> list[str]:
-    """The command's selection flags whose value is not its default (nor --fast's), as `--flag value`."""
+def check_replay_flags(args: argparse.Namespace) -> None:
+    """With --plan, refuse the command's selection flags set away from their default (or --fast's): they would not be
+    used. Called before `prepare_gguf` gives --round_to its default."""
+    from llama_pruning.plan import PlanError
+
+    if args.plan is None:
+        return
     parser = argparse.ArgumentParser(add_help=False)
     sys.modules[args.func.__module__].add_arguments(parser)
     defaults = {name: parser.get_default(name) for name in SELECTION_FLAGS}
     if args.fast:
         defaults.update((name, value) for name, value in FAST_SETTINGS.items() if name in defaults)
-    return [f"--{name} {getattr(args, name)}" for name in SELECTION_FLAGS
-            if hasattr(args, name) and getattr(args, name) != defaults[name]]
+    unused = [f"--{name} {getattr(args, name)}" for name in SELECTION_FLAGS
+              if hasattr(args, name) and getattr(args, name) != defaults[name]]
+    if unused:
+        raise PlanError(f"--plan replays the units {args.plan} holds, so {', '.join(unused)} would not be used: "
+                        "drop them, or drop --plan to choose new units")
 
 
 def prepare_gguf(args: argparse.Namespace) -> None:
@@ -408,6 +422,7 @@ def run_pruning(args: argparse.Namespace, select: Selector, title: str, check: C
                          "(docs/RECOVERY.md)")
     place = Placement.from_args(args)
     args.device = args.device or default_device()
+    check_replay_flags(args)
     prepare_gguf(args)
     replayed = check_inputs(args, check)  # a dry run answers for the real command, so bad input fails it too
     if args.dry_run:

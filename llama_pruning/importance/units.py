@@ -84,6 +84,8 @@ def table_problem(table: pd.DataFrame, spec: ModelSpec) -> str | None:
         return "has layer_idx / group_idx values that are not all integers"
     if not pd.api.types.is_numeric_dtype(table["importance"]) or pd.api.types.is_bool_dtype(table["importance"]):
         return "has a non-numeric importance column"
+    if table["importance"].isna().any():
+        return f"has {int(table['importance'].isna().sum())} missing importance value(s)"
     size = table["group_type"].map(unit_counts(spec))  # NaN for an unknown group type
     valid = table["layer_idx"].between(0, spec.num_layers - 1) & table["group_idx"].ge(0) & table["group_idx"].lt(size)
     if not valid.all():

@@ -51,14 +51,15 @@ class RunDir:
         if Path(root).exists() and not Path(root).is_dir():
             raise ValueError(f"--output_root {root} is a file, not a folder")
         final = Path(root) / name
-        if final.exists() and not final.is_dir():
+        if final.is_symlink() or (final.exists() and not final.is_dir()):
             raise RunExistsError(f"{final} exists and is not a folder; choose another --save_ckpt_log_name")
-        # a folder holding only timestamped logs is a run that failed early: reusing its name is fine
+        # only a folder a run wrote is ever replaced, and without --overwrite only one that failed early (logs alone)
+        if final.is_dir() and any(final.iterdir()) and not is_run_folder(final):
+            raise RunExistsError(f"{final} holds files but no llama-pruning run (none of {', '.join(RUN_FILES)}, no "
+                                 "training log), and a run replaces only runs: choose another --save_ckpt_log_name or "
+                                 "--output_root")
         if final.is_dir() and not overwrite and any(not _is_stamp(p) for p in final.iterdir()):
             raise RunExistsError(f"{final} already exists; choose another --save_ckpt_log_name or pass --overwrite")
-        if final.is_dir() and overwrite and any(final.iterdir()) and not is_run_folder(final):
-            raise RunExistsError(f"{final} holds files but no llama-pruning run (no {RUN_FILES[0]}, no training log), and "
-                                 "--overwrite replaces only runs: choose another --save_ckpt_log_name or --output_root")
         return final
 
     def __init__(self, root: str | Path, name: str, overwrite: bool = False):
@@ -91,7 +92,7 @@ class RunDir:
     def commit(self) -> None:
         """Put the finished run in place of `final`; an earlier run there is deleted only now."""
         if self.final.is_dir():
-            self.log(f"replacing the earlier run in {self.final} (--overwrite)")
+            self.log(f"replacing the earlier run in {self.final}")
         atomic.replace(self.path, self.final)
         self.path, self.log_dir = self.final, self.final / self.stamp
 
