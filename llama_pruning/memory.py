@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from llama_pruning.options import OBS_CHUNKS, reconstruct_windows
+from llama_pruning.options import DEFAULT_DRIFT, DEFAULT_LAST_LOSS, KL_ROWS, OBS_CHUNKS, reconstruct_windows, resolve_last_loss
 
 # Llama-3 shapes (untied embeddings, vocab 128256): what bench/memory.py builds and what the docs project
 SHAPES = {
@@ -34,6 +34,7 @@ class Workload:
     importance: str = "obs"  # obs (the global command's default), taylor, taylor_2nd (mix), or a forward-only method
     reconstruct: str = "block"  # the global command's default (block-local refinement after lsq)
     span: int = 1  # block: layers refined jointly (--reconstruct_span)
+    last_loss: str = DEFAULT_LAST_LOSS  # block: kl (auto: with block) adds one micro-batch's logit work (--reconstruct_last_loss)
 
 
 def _get(config, name: str):
@@ -68,7 +69,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
     and that block's Cholesky factor (bounded by two float64 Grams);
     block adds a third stream (the refined layer's inputs) and its dense copy (which serves as the MLP's), then holds
     its targets in place of the post-attention stream it frees, and Adam's float32 state for that layer (with a span of
-    layers refined jointly: dense copies, Adam state and backward activations for each of them).
+    layers refined jointly: dense copies, Adam state and backward activations for each of them; with the last layer's
+    KL, the head's logit gradient of one micro-batch and one chunk of its float32 softmax work).
     """
     s = _BYTES[work.dtype]
     h, i, v, n = (_get(config, k) for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
@@ -96,6 +98,11 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
         fit = 3 * i * h * s + solve + acts  # the MLP's dense copy, its statistics and solve, one micro-batch
         if work.reconstruct == "block":  # the layer's inputs, its dense copy in place of the MLP's, then Adam in float32
             refine = work.span * (_layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts)  # weights, grads, 2 moments
+            # an upper bound: counted with the default drift and whether or not the plan cuts the last layer
+            if resolve_last_loss(work.last_loss, work.reconstruct, DEFAULT_DRIFT) == "kl":
+                # the saved logit gradient, one chunk's softmax work (at most 16 bytes per logit), a bfloat16 copy
+                # of a wider head
+                refine += batch_tokens * v * s + KL_ROWS * v * 4 * 4 + (v * h * 2 if s > 2 else 0)
             fit = stream + max(fit - 3 * i * h * s + work.span * _layer_params(config) * s, refine)
         peaks["reconstruction"] = weights + 2 * stream + fit
     elif work.reconstruct == "bias":
@@ -113,6 +120,7 @@ def obs_block_bytes(width: int, out: int) -> int:
 _REMEDIES = (
     ("--dtype bfloat16", {"dtype": "bfloat16"}),
     ("--reconstruct_span 1", {"span": 1}),
+    ("--reconstruct_last_loss mse", {"last_loss": "mse"}),
     ("--reconstruct lsq", {"reconstruct": "lsq"}),
     ("--reconstruct_samples 64", {"reconstruct_samples": 64}),
     ("--num_samples 32", {"num_samples": 32}),
@@ -124,18 +132,30 @@ _REMEDIES = (
 
 def remedies(config, work: Workload, available: int) -> list[str] | None:
     """The fewest flags (in a fixed order of cost to quality) whose projection fits in `available` bytes, or None."""
-    flags: list[str] = []
-    peaks = phase_peaks(config, work)
+    chosen: list[tuple[str, dict]] = []
+    current, peaks = work, phase_peaks(config, work)
     for flag, change in _REMEDIES:
         if max(peaks.values()) <= available:
-            return flags
-        candidate = replace(work, **change)
+            break
+        candidate = replace(current, **change)
         after = phase_peaks(config, candidate)
         if after == peaks or any(after[phase] > peak for phase, peak in peaks.items()):
             continue  # already set, or it would not lower anything (bfloat16 over float16, 64 solve windows over 32)
-        work, peaks = candidate, after
-        flags.append(flag)
-    return flags if max(peaks.values()) <= available else None
+        current, peaks = candidate, after
+        chosen.append((flag, change))
+    if max(peaks.values()) > available:
+        return None
+    for item in list(chosen):  # drop what a later flag made unneeded (lsq leaves the last layer's loss nothing to save)
+        rest = [c for c in chosen if c is not item]
+        if max(phase_peaks(config, _with(work, rest)).values()) <= available:
+            chosen = rest
+    return [flag for flag, _ in chosen]
+
+
+def _with(work: Workload, changes: list[tuple[str, dict]]) -> Workload:
+    for _, change in changes:
+        work = replace(work, **change)
+    return work
 
 
 def checkpoint_dtype(config) -> str:

@@ -24,6 +24,10 @@ DEFAULT_BLOCK_EPOCHS = 4 / 3  # block: Adam passes per cut layer, 128 steps of 4
 BLOCK_AUTOCAST = ("auto", "bf16", "none")  # block: its steps' and passes' matmuls in bf16 (auto: where native)
 DEFAULT_BLOCK_LR = 2e-3  # block: peak Adam rate (cosine decay); chosen on dev (docs/RESULTS_NOTES.md)
 DEFAULT_BLOCK_SPAN = 1  # block: consecutive cut layers refined jointly toward the dense output of the last
+# block: the last layer's loss, toward a hidden state (mse) or the dense model's next-token distribution (kl)
+LAST_LOSSES = ("auto", "mse", "kl")
+DEFAULT_LAST_LOSS = "auto"  # kl where it applies (block with a dense stream); chosen on dev (docs/RESULTS_NOTES.md)
+KL_ROWS = 128  # block's kl: tokens per vocabulary-wide chunk (bounds its float32 temporaries; fastest on a SmolLM2 CPU step)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB
 # --reconstruct_ignore auto: wikitext-2's `<unk>` leave block's fit (dev P20 / P30 / P50: -1.4 / -1.7 / -3.3 %; lsq: worse)
@@ -40,6 +44,13 @@ def resolve_ignore(value: str, mode: str) -> str | None:
     if value == "auto":
         return AUTO_IGNORE.get(mode)
     return None if value == "none" else value
+
+
+def resolve_last_loss(value: str, mode: str, drift: float) -> str:
+    """The last layer's loss: `auto` -> `kl` where it applies (block, with a dense stream: drift > 0), else `mse`."""
+    if value == "auto":
+        return "kl" if mode == "block" and drift > 0 else "mse"
+    return value
 
 
 def reconstruct_windows(mode: str, requested: int | None, num_samples: int) -> int:

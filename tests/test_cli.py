@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from llama_pruning.cli.main import build_parser, main
-from llama_pruning.options import reconstruct_windows, resolve_ignore
+from llama_pruning.options import reconstruct_windows, resolve_ignore, resolve_last_loss
 from llama_pruning.selection.global_knapsack import resolve_cut_penalty
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,6 +141,9 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--iterative_steps", "2", "--remove_empty_layers"], "drop --remove_empty_layers"),
     (["global_pruning.py", "--iterative_steps", "0"], "must be a positive integer"),
     (["global_pruning.py", "--reconstruct_span", "0"], "must be a positive integer"),
+    (["layer_pruning.py", "--reconstruct_last_loss", "kl"], "needs --reconstruct block and --reconstruct_drift > 0"),
+    (["global_pruning.py", "--reconstruct_last_loss", "kl", "--reconstruct_drift", "0"], "--reconstruct_drift > 0"),
+    (["global_pruning.py", "--reconstruct_last_loss", "ce"], "invalid choice"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))
@@ -156,7 +159,7 @@ def test_help_lists_every_flag():
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
                    "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty",
-                   "--reconstruct_ignore", "--importance_ignore", "--reconstruct_span"],
+                   "--reconstruct_ignore", "--importance_ignore", "--reconstruct_span", "--reconstruct_last_loss"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():
@@ -190,6 +193,12 @@ def test_importance_and_reconstruction_defaults_per_command():
     assert [resolve_ignore(ns.reconstruct_ignore, ns.reconstruct)
             for ns in (default, layer, parse("global", "--reconstruct_ignore", "none"),
                        parse("layer", "--reconstruct_ignore", "@@"))] == ["<unk>", None, None, "@@"]
+    # the last layer's loss: kl for block with a dense stream (chosen on dev), mse for lsq or without drift, as given
+    assert [resolve_last_loss(ns.reconstruct_last_loss, ns.reconstruct, ns.reconstruct_drift)
+            for ns in (default, layer, parse("global", "--reconstruct_drift", "0"), parse("global", "--fast"),
+                       parse("global", "--reconstruct_last_loss", "mse"), parse("layer", "--reconstruct", "block",
+                                                                                "--reconstruct_last_loss", "kl"))
+            ] == ["kl", "mse", "mse", "mse", "mse", "kl"]
 
 
 def test_help_shows_defaults_without_importing_torch():

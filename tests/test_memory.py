@@ -54,6 +54,22 @@ def test_a_span_of_refined_layers_holds_adam_state_for_each_and_is_given_up_firs
     assert memory.remedies(config, memory.Workload(span=2), int(22e9)) == ["--reconstruct_span 1"]
 
 
+def test_the_last_layers_kl_adds_one_micro_batch_of_logits_and_stays_under_22_gb_on_llama3_8b_bf16():
+    """--reconstruct_last_loss kl (the default): the logit gradient of 4 x 128 tokens (bf16) and one chunk of float32
+    softmax work; a float32 model also keeps a bfloat16 copy of its head."""
+    config = memory.SHAPES["8b"]
+    mse, kl = (memory.phase_peaks(config, memory.Workload(last_loss=loss))["reconstruction"] for loss in ("mse", "kl"))
+    assert mse < kl <= 22e9
+    # the default (auto) is kl; with a span of 2 the refine term is the larger one
+    assert memory.phase_peaks(config, memory.Workload())["reconstruction"] == kl
+    refine = memory.phase_peaks(config, memory.Workload(span=2, last_loss="mse"))["reconstruction"]
+    both = memory.phase_peaks(config, memory.Workload(span=2, last_loss="kl"))["reconstruction"]
+    assert both - refine == 512 * 128256 * 2 + memory.KL_ROWS * 128256 * 16
+    f32 = [memory.phase_peaks(config, memory.Workload(dtype="float32", span=2, last_loss=loss))["reconstruction"]
+           for loss in ("mse", "kl")]
+    assert f32[1] - f32[0] == 512 * 128256 * 4 + memory.KL_ROWS * 128256 * 16 + 128256 * 4096 * 2
+
+
 def test_remedies_pick_the_flags_that_fit():
     config, work = memory.SHAPES["8b"], memory.Workload(dtype="float32")
     assert memory.remedies(config, work, 10**15) == []
@@ -63,6 +79,8 @@ def test_remedies_pick_the_flags_that_fit():
     assert max(memory.phase_peaks(config, fixed).values()) <= 22e9
     assert memory.remedies(config, work, 10**9) is None  # the weights alone do not fit
     # the default's block refinement is the first thing given up in bf16, and no flag raises a setting already lower
+    # the last layer's KL is given up first; where lsq is needed anyway it saves it too, so it is not named
+    assert memory.remedies(config, memory.Workload(), int(21.8e9)) == ["--reconstruct_last_loss mse"]
     assert memory.remedies(config, memory.Workload(), int(21.5e9)) == ["--reconstruct lsq"]
     small = memory.Workload(reconstruct="bias", reconstruct_samples=32, dtype="float16")
     assert memory.remedies(config, small, 20 * 10**9) == ["--num_samples 32", "--gradient_batch_size 1"]

@@ -33,26 +33,28 @@ def tiny_folder(tmp_path):
     return tmp_path / "tiny", _budget(model, 2) + 1024
 
 
-def _prune(model: torch.nn.Module, method: str, mode: str, span: int = 1) -> tuple:
-    """Importance, a 50 % global plan, reconstruction (`mode`, block's `span`) with drift; the table, the plan, and the
-    pruned logits."""
+def _prune(model: torch.nn.Module, method: str, mode: str, span: int = 1, last_loss: str = "mse") -> tuple:
+    """Importance, a 50 % global plan, reconstruction (`mode`, block's `span` and `last_loss`) with drift; the table, the
+    plan, and the pruned logits."""
     generator = torch.Generator().manual_seed(0)
     samples = torch.randint(0, 97, (6, 16), generator=generator)
     table = compute_importance(model, samples, method, gradient_batch_size=4, progress=False)
     plan, _ = global_plan(model, table, 0.5)
     prune_with_reconstruction(model, plan, samples, mode=mode, ridge=10.0, batch_size=4, drift_weight=0.5,
-                              progress=False, block_span=span)
+                              progress=False, block_span=span, last_loss=last_loss)
     probe = torch.randint(0, 97, (3, 16), generator=generator)
     with torch.no_grad():
         logits = model(input_ids=probe, use_cache=False).logits
     return table, model.pruning_plan, logits, window_perplexity(model, probe, batch_size=2)
 
 
-@pytest.mark.parametrize(("method", "mode", "span"), [("taylor", "lsq", 1), ("taylor_2nd", "lsq", 1), ("wanda", "lsq", 1),
-                                                    ("obs", "lsq", 1), ("obs", "block", 1), ("obs", "block", 2)])
-def test_offloaded_model_gives_the_same_plan_and_pruned_logits(tiny_folder, tmp_path, method, mode, span):
+@pytest.mark.parametrize(("method", "mode", "span", "last_loss"), [
+    ("taylor", "lsq", 1, "mse"), ("taylor_2nd", "lsq", 1, "mse"), ("wanda", "lsq", 1, "mse"), ("obs", "lsq", 1, "mse"),
+    ("obs", "block", 1, "mse"), ("obs", "block", 2, "mse"), ("obs", "block", 1, "kl")])
+def test_offloaded_model_gives_the_same_plan_and_pruned_logits(tiny_folder, tmp_path, method, mode, span, last_loss):
     """Same operations on the same device in the same order: the dispatched run must match bit for bit (block's Adam
-    steps on an offloaded layer included, also when two layers at a time are refined jointly)."""
+    steps on an offloaded layer included, also when two layers at a time are refined jointly, and the last layer's KL
+    through the offloaded final norm and head)."""
     folder, budget = tiny_folder
     plain, _ = load_model(str(folder), dtype="float32", device="cpu", tokenizer=False)
     placed, _ = load_model(str(folder), dtype="float32", tokenizer=False,
@@ -60,8 +62,8 @@ def test_offloaded_model_gives_the_same_plan_and_pruned_logits(tiny_folder, tmp_
     devices = set(placed.hf_device_map.values())
     assert devices == {"cpu", "disk"}, placed.hf_device_map
     assert placed.model.layers[3].mlp.up_proj.weight.device.type == "meta"  # really offloaded
-    table, plan, logits, ppl = _prune(plain, method, mode, span)
-    table_d, plan_d, logits_d, ppl_d = _prune(placed, method, mode, span)
+    table, plan, logits, ppl = _prune(plain, method, mode, span, last_loss)
+    table_d, plan_d, logits_d, ppl_d = _prune(placed, method, mode, span, last_loss)
     assert table.equals(table_d)
     assert plan_d.attn_groups == plan.attn_groups and plan_d.mlp_channels == plan.mlp_channels
     # both blocks are cut in a layer that lives on disk (layers 2 and 3), so both re-fits are written back there

@@ -25,6 +25,7 @@ from llama_pruning.options import (
     DEFAULT_BLOCK_SAMPLES,
     DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
+    DEFAULT_LAST_LOSS,
     DEFAULT_MODEL,
     DEFAULT_OUTTYPE,
     DEFAULT_RIDGE,
@@ -32,12 +33,14 @@ from llama_pruning.options import (
     DEFAULT_TAYLOR_2ND_VARIANT,
     DEVICE_MAPS,
     GRADIENT_METHODS,
+    LAST_LOSSES,
     METHODS,
     MODES,
     OUTTYPES,
     TAYLOR_2ND_VARIANTS,
     reconstruct_windows,
     resolve_ignore,
+    resolve_last_loss,
 )
 
 if TYPE_CHECKING:  # the heavy libraries are imported where they are used, so `--help` answers at once
@@ -211,6 +214,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="with --reconstruct block: run the Adam steps' and the fit passes' matmuls in bfloat16 "
                         "(float32 weights, loss and statistics); "
                         "auto: where the device multiplies bfloat16 natively (CUDA with bf16, CPUs with AMX/AVX512-BF16)")
+    p.add_argument("--reconstruct_last_loss", choices=LAST_LOSSES, default=DEFAULT_LAST_LOSS,
+                   help="with --reconstruct block: the last layer's loss, the squared error toward its hidden-state target "
+                        "(mse) or the KL from the dense model's next-token distribution through the frozen final norm "
+                        "and head (kl; needs --reconstruct_drift > 0); auto: kl where it applies")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
                         f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
@@ -313,6 +320,10 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
         raise ValueError(f"the importance cache {cache} is a file, not a folder (--importance_cache names another "
                          "folder, or `none` for no cache)")
     check_device(args.device)
+    kl_applies = resolve_last_loss("auto", args.reconstruct, args.reconstruct_drift) == "kl"
+    if args.reconstruct_last_loss == "kl" and not kl_applies:
+        raise ValueError("--reconstruct_last_loss kl compares the last layer with the dense model's stream: it needs "
+                         "--reconstruct block and --reconstruct_drift > 0")
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
     plan = PruningPlan.load(args.plan) if args.plan is not None else None
@@ -402,7 +413,8 @@ def memory_projection(args: argparse.Namespace) -> tuple[str, bool]:
         seq_len=args.seq_len, batch_size=args.gradient_batch_size,
         reconstruct_samples=args.reconstruct_samples,
         importance="replayed plan" if args.plan else args.importance_method, reconstruct=args.reconstruct,
-        span=args.reconstruct_span)
+        span=args.reconstruct_span,
+        last_loss=resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift))
     return memory.projection_report(config, work, args.device, memory.device_memory(args.device))
 
 
@@ -553,13 +565,16 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
         samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
-        f"drift {args.reconstruct_drift})")
+        f"drift {args.reconstruct_drift}"
+        + (", the model's last layer, where cut, toward the dense next-token distribution"
+           if resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift) == "kl" else "")
+        + ")")
     ignore = left_out(tokenizer, samples, resolve_ignore(args.reconstruct_ignore, args.reconstruct), "the fit", log)
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
                               block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
-                              block_span=args.reconstruct_span,
+                              block_span=args.reconstruct_span, last_loss=args.reconstruct_last_loss,
                               block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast],
                               ignore=ignore)
 

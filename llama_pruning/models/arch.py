@@ -113,6 +113,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.get_decoder().layers
 
 
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder layer and the output head (`model.model.norm`)."""
+    return model.get_decoder().norm
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of a model, each shared (tied) tensor counted once."""
     return sum(p.numel() for p in model.parameters())
