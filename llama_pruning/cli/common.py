@@ -563,18 +563,17 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     count = reconstruct_windows(args.reconstruct, args.reconstruct_samples, args.num_samples)
     if samples is None or count != len(samples):
         samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
+    last_loss = resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift)
+    toward = ", the model's last layer, where cut, toward the dense next-token distribution" if last_loss == "kl" else ""
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
-        f"drift {args.reconstruct_drift}"
-        + (", the model's last layer, where cut, toward the dense next-token distribution"
-           if resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift) == "kl" else "")
-        + ")")
+        f"drift {args.reconstruct_drift}{toward})")
     ignore = left_out(tokenizer, samples, resolve_ignore(args.reconstruct_ignore, args.reconstruct), "the fit", log)
     prune_with_reconstruction(model, plan, samples, mode=args.reconstruct, ridge=args.reconstruct_ridge,
                               batch_size=args.gradient_batch_size, device=args.device,
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
                               block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
-                              block_span=args.reconstruct_span, last_loss=args.reconstruct_last_loss,
+                              block_span=args.reconstruct_span, last_loss=last_loss,
                               block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast],
                               ignore=ignore)
 
