@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llama_pruning import placement
+from llama_pruning.gram import add_gram_, mirror_
 from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, final_norm, run_layer
 from llama_pruning.options import (  # noqa: F401 (re-exported)
     DEFAULT_BLOCK_EPOCHS,
@@ -73,7 +74,7 @@ class InputStats:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = self._rows(args[0])
-        self.gram.addmm_(x.T, x)
+        add_gram_(self.gram, x)  # upper block triangle: `compensate` mirrors it before reading
         self.sum += x.sum(0)
         self.count += x.shape[0] if self.keep is None else int(self.keep.sum())
         if self.cross is not None:
@@ -136,6 +137,7 @@ def compensate(
     delta = None
     if mode == "lsq":
         # the kept blocks are gathered, then cast (no full-width copy); centred when a bias is fitted jointly
+        mirror_(stats.gram)
         rhs = stats.gram[kept[:, None], removed].to(solve_dtype) @ w_removed_t
         if has_bias:
             rhs -= n * torch.outer(mean[kept], mean[removed] @ w_removed_t)

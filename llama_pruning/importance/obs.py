@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from llama_pruning.gram import add_gram_, mirror_
 from llama_pruning.importance.runtime import layerwise_backward, on_output_gradient
 from llama_pruning.importance.units import unit_linears
 from llama_pruning.models.arch import ModelSpec
@@ -45,11 +46,11 @@ class OBSAccumulator:
         if self.keep is not None:
             x = x[self.keep[self.batch].flatten().to(x.device)]
         dy = dy.reshape(-1, dy.shape[-1]).double()
-        if key in self.gram:
-            self.gram[key].addmm_(x.T, x)
-            self.fisher[key].add_(dy.square().sum(0))
-        else:
-            self.gram[key], self.fisher[key] = x.T @ x, dy.square().sum(0)
+        if key not in self.gram:
+            self.gram[key] = x.new_zeros(x.shape[1], x.shape[1])
+            self.fisher[key] = dy.new_zeros(dy.shape[1])
+        add_gram_(self.gram[key], x)  # upper block triangle: mirrored in `fold_layer`
+        self.fisher[key].add_(dy.square().sum(0))
 
     @torch.no_grad()
     def fold_layer(self, index: int) -> None:
@@ -57,7 +58,7 @@ class OBSAccumulator:
         for unit in self.units:
             if unit.layer_idx == index:
                 key = (index, unit.group_type)
-                self.importance[key] = greedy_obs(unit.linear.weight.detach(), self.gram.pop(key),
+                self.importance[key] = greedy_obs(unit.linear.weight.detach(), mirror_(self.gram.pop(key)),
                                                   self.fisher.pop(key), unit.linear.in_features // unit.n_units,
                                                   chunk=max(1, unit.n_units // OBS_CHUNKS))
 
