@@ -416,6 +416,9 @@ def test_windows_past_a_scaled_rope_context_are_allowed(tmp_path, capsys):
     argv = ["global", "--base_model", str(tmp_path / "m"), "--output_root", str(tmp_path / "runs"), "--device", "cpu",
             "--dry_run", "--seq_len", "100"]
     assert cli(argv) == 0, capsys.readouterr().err  # dynamic scaling stretches the 32-token context at run time
+    timing = ["eval", str(tmp_path / "m"), "--in_process", "--device", "cpu", "--prefill_len", "40", "--decode_tokens", "2",
+              "--repeats", "1"]
+    assert cli(timing) == 0, capsys.readouterr().err  # and so does `eval`'s context check
 
 
 def test_missing_evaluation_file_is_named_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, no_weights,
@@ -471,6 +474,11 @@ def test_replayed_plan_refuses_selection_flags_it_would_ignore(tiny_dir, tmp_pat
     assert "--remove_layers 1 would not be used" in one_line_error(capsys)
     assert cli(["global", *replay, "--save_gguf", "--round_to", "64"]) == 2
     assert "--round_to 64 would not be used" in one_line_error(capsys)
+    # the plan's attention widths (16 per KV group) are not multiples of q8_0's 32 where the dense model's (64) are:
+    # refused before any work, where the export would have failed after the cut
+    assert cli(["global", *replay, "--save_gguf", "--outtype", "q8_0"]) == 2
+    err = one_line_error(capsys)
+    assert "have widths that are not multiples of 32" in err and f"--plan {tmp_path / PLAN_FILENAME} fixes them" in err
     assert not (tmp_path / "runs").exists()
     # what replaying does use, flags at their defaults, --fast's settings and --save_gguf's own --round_to pass
     for extra in (["--fast"], ["--save_gguf"], ["--pruning_ratio", "0.2", "--importance_method", "obs"],

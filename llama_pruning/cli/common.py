@@ -309,7 +309,7 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     """Every flag and input file, checked after reading the model's config and before any weights or data are
     loaded, so a long run never fails at its end on bad input; returns the replayed plan, if any."""
     from llama_pruning.models.arch import config_geometry
-    from llama_pruning.models.loading import check_device, check_model
+    from llama_pruning.models.loading import check_device, check_model, context_limit
     from llama_pruning.plan import PlanError, PruningPlan
     from llama_pruning.recovery.config import RecoveryConfig
     from llama_pruning.reporting import RunDir
@@ -331,12 +331,9 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
         raise ValueError(f"--importance_ignore leaves tokens out of a loss: it applies to {', '.join(GRADIENT_METHODS)}, "
                          f"not {args.importance_method}")
     config = check_model(args.base_model, args.trust_remote_code)
-    context = getattr(config, "max_position_embeddings", None)
+    context = context_limit(config)
     calibrates = plan is None or args.reconstruct != "none"
-    # with rope scaling the config's context can be the pre-scaling length, and longer windows are what it is for
-    rope = getattr(config, "rope_scaling", None) or {}
-    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
-    if calibrates and context and not scaled and args.seq_len > context:
+    if calibrates and context and args.seq_len > context:
         raise ValueError(f"--seq_len {args.seq_len} is longer than the model's context ({context} tokens, "
                          "max_position_embeddings)")
     geometry = config_geometry(config)
@@ -347,6 +344,10 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
                             f"mismatched (plan, model): {diff}")
         if getattr(args, "iterative_steps", 1) > 1:
             raise PlanError("--iterative_steps chooses the units step by step; a replayed --plan has them already")
+        if args.save_gguf:
+            from llama_pruning.models.gguf_export import check_plan_fallbacks
+
+            check_plan_fallbacks(plan, args.outtype, f"--plan {args.plan}")
     elif check is not None:
         check(args, geometry["num_layers"])
     if plan is None or args.reconstruct != "none":

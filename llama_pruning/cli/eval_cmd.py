@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Profile MODEL_DIR (and its dense base), print a table, optionally write JSON; 0 on success."""
     from llama_pruning.evaluation.speed import base_model_of, compare, format_report
-    from llama_pruning.models.loading import check_device, check_model, default_device
+    from llama_pruning.models.loading import check_device, check_model, context_limit, default_device
 
     if args.json is not None:  # refused now, not after minutes of timing
         atomic.check_file_target(args.json)
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     base_model = args.base_model or base_model_of(args.model_dir)
     for name in (args.model_dir, base_model):  # both checked before either is loaded or timed
         if name is not None:
-            context = getattr(check_model(name, args.trust_remote_code), "max_position_embeddings", None)
+            context = context_limit(check_model(name, args.trust_remote_code))
             if context and args.prefill_len + args.decode_tokens > context:
                 raise ValueError(f"--prefill_len {args.prefill_len} + --decode_tokens {args.decode_tokens} tokens are more "
                                  f"than {name}'s context ({context} tokens, max_position_embeddings)")

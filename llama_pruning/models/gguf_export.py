@@ -33,6 +33,7 @@ from llama_pruning.atomic import atomic_path, temp_sibling
 from llama_pruning.models.arch import ModelSpec, decoder_layers
 from llama_pruning.models.gguf_vocab import add_hf_tokenizer, copy_tokenizer_fields
 from llama_pruning.options import GGUF_WRITER_TYPES, LLAMA_CPP_TYPES, OUTTYPES  # noqa: F401 (re-exported)
+from llama_pruning.plan import PruningPlan
 
 Q = gguf.GGMLQuantizationType
 # written by the gguf package (2-D weights; 1-D tensors stay F32, as llama.cpp expects)
@@ -181,6 +182,12 @@ def dense_row_lengths(spec: ModelSpec) -> dict[str, int]:
     return rows
 
 
+def _fallback_error(bad: list[str], block: int, remedy: str) -> GGUFExportError:
+    return GGUFExportError(
+        f"{len(bad)} pruned tensors (e.g. {bad[0]}) have widths that are not multiples of {block} where the dense "
+        f"model's are, so they would be stored in a wider type than in the dense export; {remedy}")
+
+
 def check_fallbacks(tensors: list[tuple[str, np.ndarray, bool]], block: int, dense: ModelSpec | None) -> None:
     """Refuse when pruned widths are not multiples of the quant block on tensors whose dense width is."""
     if dense is None or block == 1:
@@ -189,10 +196,23 @@ def check_fallbacks(tensors: list[tuple[str, np.ndarray, bool]], block: int, den
     bad = [name for name, array, standin in tensors
            if array.ndim == 2 and not standin and array.shape[-1] % block and rows[_role(name)] % block == 0]
     if bad:
-        raise GGUFExportError(
-            f"{len(bad)} pruned tensors (e.g. {bad[0]}) have widths that are not multiples of {block} where the dense "
-            f"model's are, so they would be stored in a wider type than in the dense export; prune with --round_to "
-            f"{block}, choose another --outtype, or pass --allow_fallback")
+        raise _fallback_error(bad, block, f"prune with --round_to {block}, choose another --outtype, or pass "
+                                          "--allow_fallback")
+
+
+def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
+    """`check_fallbacks` from a plan's widths alone, before any cut: `source` (a replayed --plan) fixed the widths."""
+    block = quant_block(outtype)
+    spec = plan.model_spec()
+    rows = dense_row_lengths(spec)
+    group = spec.num_heads // spec.num_kv_heads * spec.head_dim
+    bad = [f"blk.{new}.{role}.weight" for new, old in enumerate(plan.kept_layers)
+           for role, width in (("attn_output", len(plan.attn_groups[old]) * group),
+                               ("ffn_down", len(plan.mlp_channels[old])))
+           if width % block and rows[role] % block == 0]
+    if bad and block > 1:
+        raise _fallback_error(bad, block, f"{source} fixes them, so choose another --outtype, or or swap --save_gguf for "
+                                          "--save_model and then run `llama-pruning export-gguf --allow_fallback` on the run")
 
 
 def _metadata(writer: gguf.GGUFWriter, model: nn.Module, layers: list[_Layer], head_dim: int, uniform: bool) -> None:

@@ -219,6 +219,14 @@ def check_weight_files(source: str) -> None:
 
 
 
+def context_limit(config: PretrainedConfig) -> int | None:
+    """The longest sequence the config allows (max_position_embeddings), or None where it does not say or where rope
+    scaling is on: there the config's length can be the pre-scaling one, and longer windows are what scaling is for."""
+    rope = getattr(config, "rope_scaling", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) != "default"
+    return None if scaled else getattr(config, "max_position_embeddings", None)
+
+
 def check_model(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """All that can be checked without reading weights: config, architecture, consent for code, weight file headers."""
     config = load_config(name_or_path, trust_remote_code)
