@@ -27,7 +27,7 @@ DEFAULT_BLOCK_SPAN = 1  # block: consecutive cut layers refined jointly toward t
 # block: the last layer's loss, toward a hidden state (mse) or the dense model's next-token distribution (kl)
 LAST_LOSSES = ("auto", "mse", "kl")
 DEFAULT_LAST_LOSS = "auto"  # kl where it applies (block with a dense stream); chosen on dev (docs/RESULTS_NOTES.md)
-KL_ROWS = 64  # block's kl: tokens per vocabulary-wide chunk (bounds its float32 temporaries; 64 and 128 run a SmolLM2 step equally fast)
+KL_ROWS = 64  # block's kl: tokens per vocabulary-wide chunk (bounds its float32 temporaries; 128 runs no faster)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB
 # --reconstruct_ignore auto: wikitext-2's `<unk>` leave block's fit (dev P20 / P30 / P50: -1.4 / -1.7 / -3.3 %; lsq: worse)
