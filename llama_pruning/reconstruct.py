@@ -50,7 +50,8 @@ class ReconstructionError(ValueError):
 
 
 class InputStats:
-    """Streaming statistics of a Linear's input rows: Gram X^T X, column sums and row count.
+    """Streaming statistics of a Linear's input rows: Gram X^T X (its upper block triangle until `gram.mirror_`),
+    column sums and row count.
 
     Used as a forward pre-hook, so activations are reduced batch by batch and never stored. With
     `out_dim`, it also accumulates X^T D and the sums of D for a drift D (tokens x out_dim) handed to

@@ -15,11 +15,18 @@ from transformers import PreTrainedTokenizerFast
 
 from llama_pruning.cli.main import main
 from llama_pruning.models.arch import model_spec
-from llama_pruning.models.gguf_export import GGUFExportError, check_outtype, export_gguf, rope_permute, tensor_type_counts
+from llama_pruning.models.gguf_export import (
+    GGUFExportError,
+    check_outtype,
+    check_plan_fallbacks,
+    export_gguf,
+    rope_permute,
+    tensor_type_counts,
+)
 from llama_pruning.models.loading import SMOLLM2_GGUF, smollm2_dir
 from llama_pruning.plan import PruningPlan
 from llama_pruning.surgery import apply_plan
-from tests.tiny import tiny_model
+from tests.tiny import random_plan, tiny_model
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama_cpp is not importable: pip install '.[gguf]'")
@@ -228,6 +235,36 @@ def test_layer_command_rounds_for_the_gguf_block(tmp_path, data_dir):
     assert widths == [round(256 * (1 - layer["mlp_ratio"])) for layer in config]
     assert all(w % 32 == 0 for w in widths) and len(set(widths)) > 1
     assert tensor_type_counts(path) == {"F32": 9, "Q4_1": 29, "Q8_0": 1}  # the dense export's types: nothing fell back
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0"])
+def test_plan_fallbacks_refuse_what_the_export_refuses(tmp_path, outtype):
+    """A replayed plan's widths are refused before the cut exactly when the export of the cut model would refuse them,
+    naming the same count and first tensor (layers the plan deletes renumber the rest)."""
+    tokenizer = byte_level_tokenizer("llama-bpe")
+    dense = tiny_model(vocab_size=len(tokenizer), intermediate=64, head_dim=8, kv_heads=4, n_rep=2)  # 16 per group
+    outcomes = []
+    for seed in range(8):
+        plan = random_plan(dense, seed=seed, remove_blocks=seed % 2 == 0)
+        deleted = {1: 3, 3: 0}.get(seed)  # a deleted layer: the last one, or the first (the rest are renumbered)
+        if deleted is not None:
+            plan.attn_groups[deleted], plan.mlp_channels[deleted] = [], []
+        if seed >= 5:  # widths of whole q8_0 / q4_0 blocks: 32 MLP channels, two KV groups
+            plan.mlp_channels = [channels[: len(channels) // 32 * 32] for channels in plan.mlp_channels]
+            plan.attn_groups = [groups[: len(groups) // 2 * 2] for groups in plan.attn_groups]
+        early = later = None
+        try:
+            check_plan_fallbacks(plan, outtype, "--plan p.json")
+        except GGUFExportError as error:
+            early = str(error).split(";")[0]
+        try:
+            export_gguf(apply_plan(copy.deepcopy(dense), plan), tokenizer, tmp_path / f"{seed}.gguf", outtype,
+                        dense_spec=model_spec(dense))
+        except GGUFExportError as error:
+            later = str(error).split(";")[0]
+        assert early == later, seed
+        outcomes.append(early is None)
+    assert any(outcomes) and not all(outcomes)  # both kinds of plan were met
 
 
 def test_outtype_checked_before_pruning(tmp_path, capsys):

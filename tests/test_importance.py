@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 import llama_pruning.importance.cache as cache_module
 import llama_pruning.importance.unit as unit_module
+from llama_pruning.gram import MIN_WIDTH
 from llama_pruning.importance import (
     METHODS,
     TAYLOR_2ND_VARIANTS,
@@ -167,7 +168,7 @@ def test_ignored_targets_leave_taylor_loss_and_obs_gram():
     an all-False mask gives exactly the plain tables."""
     import llama_pruning.importance.obs as obs_module
 
-    model = tiny_model(layers=2, bias=True, intermediate=16, seed=3)
+    model = tiny_model(layers=2, bias=True, intermediate=MIN_WIDTH, seed=3)  # down_proj's Gram: block-triangular, mirrored
     samples = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
     ignore = torch.rand(samples.shape, generator=torch.Generator().manual_seed(1)) < 0.3
     logits = model(input_ids=samples).logits[:, :-1]

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from llama_pruning import placement, reconstruct
+from llama_pruning.gram import MIN_WIDTH
 from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PruningPlan
@@ -51,18 +52,19 @@ def _cut_linear(weight: torch.Tensor, bias: torch.Tensor | None, kept: torch.Ten
     return linear
 
 
+@pytest.mark.parametrize("d_in", [12, MIN_WIDTH + 44])  # one Gram GEMM; the block-triangular Gram, mirrored
 @pytest.mark.parametrize("drift_weight", [0.0, 0.7])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lsq_matches_explicit_ridge_solution(with_bias, drift_weight):
+def test_lsq_matches_explicit_ridge_solution(with_bias, drift_weight, d_in):
     """compensate() == argmin ||X_K W'^T + b' - T||^2 + lam ||W' - W_K||^2, lam = ridge * mean diag(X_K^T X_K) / n,
     T = X W^T + b + a D for a drift D of weight a."""
     g = torch.Generator().manual_seed(0)
-    n, d_in, d_out, ridge = 200, 12, 5, 10.0  # the prior weighs like 10 of the 200 tokens
+    n, d_out, ridge = 200, 5, 10.0  # the prior weighs like 10 of the 200 tokens
     x = torch.randn(n, d_in, generator=g, dtype=F64) + 0.5
     w = torch.randn(d_out, d_in, generator=g, dtype=F64)
     b = torch.randn(d_out, generator=g, dtype=F64) if with_bias else None
     drift = torch.randn(n, d_out, generator=g, dtype=F64) + x[:, :d_out] + 0.3
-    kept = torch.tensor([0, 2, 3, 7, 8, 11])
+    kept = torch.tensor([0, 2, 3, 7, 8, 11]) if d_in == 12 else torch.arange(1, d_in, 2)  # kept and removed in every block
     linear = _cut_linear(w, b, kept)
     compensate(linear, w, kept, _stats(x, drift), "lsq", ridge, drift_weight)
 

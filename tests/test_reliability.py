@@ -478,7 +478,9 @@ def test_replayed_plan_refuses_selection_flags_it_would_ignore(tiny_dir, tmp_pat
     # refused before any work, where the export would have failed after the cut
     assert cli(["global", *replay, "--save_gguf", "--outtype", "q8_0"]) == 2
     err = one_line_error(capsys)
-    assert "have widths that are not multiples of 32" in err and f"--plan {tmp_path / PLAN_FILENAME} fixes them" in err
+    assert "have widths that are not multiples of 32" in err
+    assert err.endswith(f"--plan {tmp_path / PLAN_FILENAME} fixes them, so choose another --outtype, or swap --save_gguf "
+                        "for --save_model and then run `llama-pruning export-gguf --allow_fallback` on the run")
     assert not (tmp_path / "runs").exists()
     # what replaying does use, flags at their defaults, --fast's settings and --save_gguf's own --round_to pass
     for extra in (["--fast"], ["--save_gguf"], ["--pruning_ratio", "0.2", "--importance_method", "obs"],

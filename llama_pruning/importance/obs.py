@@ -26,7 +26,8 @@ DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) le
 
 
 class OBSAccumulator:
-    """Per layer: the Gram matrix of o_proj / down_proj inputs and the squared output gradients, then greedy OBS."""
+    """Per layer: the Gram matrix of o_proj / down_proj inputs (upper block triangle, mirrored when folded) and the
+    squared output gradients, then greedy OBS."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, keep: list[torch.Tensor] | None = None):
         self.units = [unit for unit in unit_linears(model, spec) if unit.axis == 1]  # o_proj, down_proj: units = columns

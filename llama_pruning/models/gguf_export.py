@@ -203,6 +203,8 @@ def check_fallbacks(tensors: list[tuple[str, np.ndarray, bool]], block: int, den
 def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
     """`check_fallbacks` from a plan's widths alone, before any cut: `source` (a replayed --plan) fixed the widths."""
     block = quant_block(outtype)
+    if block == 1:
+        return
     spec = plan.model_spec()
     rows = dense_row_lengths(spec)
     group = spec.num_heads // spec.num_kv_heads * spec.head_dim
@@ -210,8 +212,8 @@ def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
            for role, width in (("attn_output", len(plan.attn_groups[old]) * group),
                                ("ffn_down", len(plan.mlp_channels[old])))
            if width % block and rows[role] % block == 0]
-    if bad and block > 1:
-        raise _fallback_error(bad, block, f"{source} fixes them, so choose another --outtype, or or swap --save_gguf for "
+    if bad:
+        raise _fallback_error(bad, block, f"{source} fixes them, so choose another --outtype, or swap --save_gguf for "
                                           "--save_model and then run `llama-pruning export-gguf --allow_fallback` on the run")
 
 
