@@ -217,8 +217,6 @@ def check_weight_files(source: str) -> None:
                                  "the copy is truncated or corrupt; save or download it again") from None
 
 
-
-
 def context_limit(config: PretrainedConfig) -> int | None:
     """The longest sequence the config allows (max_position_embeddings), or None where it does not say or where rope
     scaling is on: there the config's length can be the pre-scaling one, and longer windows are what scaling is for."""
