@@ -238,10 +238,12 @@ def input_correction(norm: nn.Module, hidden: list[torch.Tensor], dense_hidden: 
         d = norm(y).reshape(-1, y.shape[-1]).to(solve_dtype)
         if keep is not None:
             p, d = p * keep[b].reshape(-1, 1).to(p), d * keep[b].reshape(-1, 1).to(d)
-        gram = p.T @ p if gram is None else gram.addmm_(p.T, p)
-        cross = p.T @ d if cross is None else cross.addmm_(p.T, d)
+        if gram is None:
+            gram, cross = p.new_zeros(p.shape[1], p.shape[1]), p.new_zeros(p.shape[1], d.shape[1])
+        add_gram_(gram, p)
+        cross.addmm_(p.T, d)
         count += p.shape[0] if keep is None else int(keep[b].sum())
-    cross -= gram
+    cross -= mirror_(gram)
     gram.diagonal().add_(ridge * gram.diagonal().mean() / count)
     return _spd_solve(gram, cross)
 

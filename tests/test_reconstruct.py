@@ -211,19 +211,20 @@ def test_full_drift_preserves_the_dense_stream_mean(mode):
         assert not torch.allclose(p, d)
 
 
-def test_input_correction_is_the_ridge_least_squares_refit():
+@pytest.mark.parametrize("width", [6, MIN_WIDTH + 4])  # one Gram GEMM; the block-triangular Gram, mirrored
+def test_input_correction_is_the_ridge_least_squares_refit(width):
     """W + W M^T minimises ||P W'^T - D W^T||^2 + lam ||W' - W||^2 (normal equations solved directly)."""
     gen = torch.Generator().manual_seed(0)
-    p = [torch.randn(2, 20, 6, dtype=F64, generator=gen) for _ in range(2)]
+    p = [torch.randn(2, 20, width, dtype=F64, generator=gen) for _ in range(2)]
     d = [x + 0.3 * torch.randn(x.shape, dtype=F64, generator=gen) for x in p]
-    w = torch.randn(4, 6, dtype=F64, generator=gen)
+    w = torch.randn(4, width, dtype=F64, generator=gen)
     ridge = 5.0
-    linear = nn.Linear(6, 4, bias=False, dtype=F64)
+    linear = nn.Linear(width, 4, bias=False, dtype=F64)
     linear.weight.data.copy_(w)
     correct_inputs([linear], input_correction(nn.Identity(), p, d, ridge, F64), 1.0)
-    P, D = torch.cat(p).reshape(-1, 6), torch.cat(d).reshape(-1, 6)
+    P, D = torch.cat(p).reshape(-1, width), torch.cat(d).reshape(-1, width)
     lam = ridge * (P.T @ P).diagonal().mean() / P.shape[0]
-    expected = torch.linalg.solve(P.T @ P + lam * torch.eye(6, dtype=F64), P.T @ D @ w.T + lam * w.T).T
+    expected = torch.linalg.solve(P.T @ P + lam * torch.eye(width, dtype=F64), P.T @ D @ w.T + lam * w.T).T
     torch.testing.assert_close(linear.weight, expected, rtol=0, atol=1e-12)
 
 
