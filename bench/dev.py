@@ -13,6 +13,9 @@ test text has none), and copy NLL is the mean NLL of the 2nd-4th copy of 64 shuf
 4 times (in-context copying, which repeated rare names in the test text need and `<unk>` text barely exercises).
 Each run is the real `global` command in a subprocess (its defaults unless flags are given)
 with calibration seed s; its saved model is scored on the dev windows, then deleted.
+A run whose calibration draws more than 512 windows (or `--dev_draw N`) is scored on another 128 windows,
+spread evenly over those no seed draws within that many: its row names the draw, and it compares only with
+rows scored the same way. A run whose own draw would hold a scored window is refused.
 """
 
 from __future__ import annotations
@@ -51,27 +54,65 @@ def windows_sha256(windows: torch.Tensor) -> str:
     return hashlib.sha256(windows.numpy().astype("<i8").tobytes()).hexdigest()
 
 
-def make_split(tokenizer) -> dict:
-    """Dev window indices: those no seed in SEEDS draws within MAX_SAMPLES, and an evenly spread subset to score."""
+def _split(windows: torch.Tensor, draw: int) -> tuple[list[int], list[int]]:
+    """Dev window indices (those no seed in SEEDS draws within `draw` windows) and the evenly spread ones scored."""
     from llama_pruning.data import calibration_indices
 
-    windows = calibration_windows(tokenizer)
-    used = set().union(*(calibration_indices(windows, MAX_SAMPLES, seed) for seed in SEEDS))
+    used = set().union(*(calibration_indices(windows, draw, seed) for seed in SEEDS))
     dev = [i for i in range(len(windows)) if i not in used]
+    if len(dev) < EVAL_WINDOWS:
+        raise SystemExit(f"bench.dev: draws of {draw} windows leave {len(dev)} dev windows, fewer than {EVAL_WINDOWS}")
     step = len(dev) / EVAL_WINDOWS
-    scored = [dev[int(k * step)] for k in range(EVAL_WINDOWS)]
+    return dev, [dev[int(k * step)] for k in range(EVAL_WINDOWS)]
+
+
+def make_split(tokenizer) -> dict:
+    """The committed split: dev windows outside every draw of MAX_SAMPLES, and the 128 of them scored."""
+    windows = calibration_windows(tokenizer)
+    dev, scored = _split(windows, MAX_SAMPLES)
     return {"text": "wikitext2 calibration split (wiki.valid.tokens)", "tokenizer": "smollm2-135m", "seq_len": SEQ_LEN,
             "windows": len(windows), "excluded_seeds": list(SEEDS), "excluded_samples": MAX_SAMPLES,
             "dev": dev, "scored": scored, "scored_sha256": windows_sha256(windows[scored])}
 
 
-def dev_windows(tokenizer) -> torch.Tensor:
-    """The scored dev windows, checked against the token hash recorded with the split."""
+def dev_windows(tokenizer, draw: int = MAX_SAMPLES) -> tuple[torch.Tensor, list[int]]:
+    """The scored dev windows (tokens, indices) outside every seed's draw of `draw` windows; the committed ones
+    (checked against their recorded token hash) up to MAX_SAMPLES."""
+    windows = calibration_windows(tokenizer)
+    if draw > MAX_SAMPLES:
+        scored = _split(windows, draw)[1]
+        return windows[scored], scored
     split = json.loads(SPLIT.read_text())
-    windows = calibration_windows(tokenizer)[split["scored"]]
-    if windows_sha256(windows) != split["scored_sha256"]:
+    if windows_sha256(windows[split["scored"]]) != split["scored_sha256"]:
         raise SystemExit(f"{SPLIT}: the dev windows' tokens changed (another text or tokenizer?)")
-    return windows
+    return windows[split["scored"]], split["scored"]
+
+
+def calibration_draw(flags: list[str]) -> int:
+    """Windows of wikitext-2's calibration file a `global` run with `flags` draws: its importance's or its
+    reconstruction's, whichever is more (both are prefixes of its seed's permutation); 0 for another dataset."""
+    from llama_pruning.cli.main import build_parser
+    from llama_pruning.options import reconstruct_windows
+
+    args = build_parser("global").parse_args(["--pruning_ratio", "0.2", *flags])
+    if args.dataset != "wikitext2":
+        return 0
+    solve = 0 if args.reconstruct == "none" else reconstruct_windows(args.reconstruct, args.reconstruct_samples,
+                                                                      args.num_samples)
+    return max(args.num_samples, solve)
+
+
+def check_disjoint(tokenizer, scored: list[int], draw: int, seeds: list[int]) -> None:
+    """Refuse (one line) a run whose calibration draw of `draw` windows at one of `seeds` holds a scored window."""
+    from llama_pruning.data import calibration_indices
+
+    windows = calibration_windows(tokenizer)
+    for seed in seeds:
+        seen = set(calibration_indices(windows, draw, seed)).intersection(scored)
+        if seen:
+            raise SystemExit(f"bench.dev: seed {seed}'s calibration ({draw} windows) holds {len(seen)} of the "
+                             f"{len(scored)} scored dev windows; use seeds {list(SEEDS)} (larger draws are scored "
+                             "outside them by themselves)")
 
 
 def copy_snippets(windows: torch.Tensor) -> torch.Tensor:
@@ -94,8 +135,8 @@ def dev_scores(model, windows: torch.Tensor, placeholders: torch.Tensor) -> dict
 
 
 def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.Tensor,
-             placeholders: torch.Tensor) -> dict:
-    """One `global` run at calibration `seed`, scored on the dev windows."""
+             placeholders: torch.Tensor, draw: int = MAX_SAMPLES) -> dict:
+    """One `global` run at calibration `seed`, scored on the dev windows (those outside every seed's draw of `draw`)."""
     from llama_pruning.models import load_model
 
     CACHE.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +150,8 @@ def run_seed(name: str, point: str, seed: int, flags: list[str], windows: torch.
         metrics = json.loads((Path(root) / "run" / "metrics.json").read_text())
         model, _ = load_model(str(Path(root) / "run"), device="cpu")
         scores = dev_scores(model, windows, placeholders)
-    return {"name": name, "point": point, "seed": seed, "flags": " ".join(flags), **scores,
+    scored_on = {} if draw <= MAX_SAMPLES else {"dev draw": draw}
+    return {"name": name, "point": point, "seed": seed, "flags": " ".join(flags), **scored_on, **scores,
             "params_after": metrics["params_after"], "pruning seconds": metrics["pruning seconds"],
             "peak RSS MiB": metrics["peak RSS MiB"], "torch threads": int(os.environ.get("OMP_NUM_THREADS", "0")),
             "load average": round(os.getloadavg()[0], 1)}
@@ -125,13 +167,19 @@ def report(rows: list[dict]) -> str:
     """Mean dev PPL over seeds per (name, point), with the spread, the other dev scores, seconds and memory."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["point"], row["name"]), []).append(row)
+        name = row["name"]
+        if "dev draw" in row:
+            name += f" [scored outside every {row['dev draw']}-window draw]"
+        if row.get("dev overlap"):
+            name += " [its calibration held some of the scored windows: not a dev figure]"
+        groups.setdefault((row["point"], name), []).append(row)
     lines = ["# Dev-split rows (never the test split)", "",
              f"Generated by `python -m bench.dev report` from {RESULTS.name}; protocol in bench/dev.py and "
              "docs/RESULTS_NOTES.md. PPL: mean over calibration seeds (min-max in brackets); clean dev PPL and copy "
              "NLL (bench/dev.py) exist from issue 17's ninth round on. Flags are as given when "
              "the row ran: rows without `--cut_penalty` ran with 0, the default before issue 17's eighth round "
-             "(`auto`, 1 for obs, since).", "",
+             "(`auto`, 1 for obs, since). Rows scored outside larger draws compare only with each other; rows marked "
+             "not a dev figure drew scored windows into their calibration (`dev overlap` in the jsonl: how many).", "",
              "| point | row | flags | seeds | dev PPL | clean dev PPL | copy NLL | pruning s | peak RSS MiB | load |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (point, name), group in sorted(groups.items()):
@@ -153,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", nargs="?", help="row name (run)")
     parser.add_argument("--point", choices=RATIOS, default="P20")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--dev_draw", type=int, default=MAX_SAMPLES,
+                        help="score outside every seed's draw of this many windows (at least the run's own draw)")
     args = parser.parse_args(argv)
     if args.action == "report":
         rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line]
@@ -169,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.name:
         parser.error("run needs a row NAME")
-    windows = dev_windows(tokenizer)
+    own = calibration_draw(flags)
+    draw = max(args.dev_draw, own, MAX_SAMPLES)
+    windows, scored = dev_windows(tokenizer, draw)
+    check_disjoint(tokenizer, scored, own, args.seeds)
     placeholders = text_mask(tokenizer, windows, PLACEHOLDER)
     for seed in args.seeds:
-        row = run_seed(args.name, args.point, seed, flags, windows, placeholders)
+        row = run_seed(args.name, args.point, seed, flags, windows, placeholders, draw)
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)

@@ -73,9 +73,35 @@ def test_dev_split_is_disjoint_from_every_calibration_draw_and_reproducible(smol
     drawn = set().union(*(calibration_indices(windows, MAX_SAMPLES, seed) for seed in SEEDS))
     assert len(split["dev"]) == len(windows) - len(drawn) > 800
     assert drawn.isdisjoint(split["dev"]) and set(split["scored"]) <= set(split["dev"])
-    assert len(split["scored"]) == 128 and dev_windows(tokenizer).shape == (128, 128)
+    tokens, scored = dev_windows(tokenizer)
+    assert len(split["scored"]) == 128 and tokens.shape == (128, 128) and scored == split["scored"]
     # a default run's calibration (64 windows for importance, 256 for the solve) is a prefix of its seed's draw
     assert calibration_indices(windows, 256, 0)[:64] == calibration_indices(windows, 64, 0)
+
+
+def test_larger_draws_are_scored_outside_them_and_overlaps_refused(smollm2):
+    """A 768-window run is scored on 128 windows no seed draws within 768 (the committed ones are not: 18-25 of them
+    are in each seed's draw); a run whose own draw holds a scored window is refused."""
+    from bench.dev import SEEDS, calibration_draw, calibration_windows, check_disjoint, dev_windows
+    from llama_pruning.data import calibration_indices
+
+    _, tokenizer = smollm2
+    windows = calibration_windows(tokenizer)
+    assert calibration_draw([]) == 384 and calibration_draw(["--reconstruct", "lsq"]) == 256
+    assert calibration_draw(["--reconstruct_samples", "768"]) == 768
+    assert calibration_draw(["--reconstruct", "none", "--num_samples", "100"]) == 100
+    committed = dev_windows(tokenizer)[1]
+    tokens, scored = dev_windows(tokenizer, 768)
+    assert tokens.shape == (128, 128) and torch.equal(tokens, windows[scored]) and scored != committed
+    for seed in SEEDS:
+        assert set(calibration_indices(windows, 768, seed)).isdisjoint(scored)
+        check_disjoint(tokenizer, scored, 768, [seed])
+    with pytest.raises(SystemExit, match="seed 0's calibration \\(768 windows\\) holds 25 of the 128"):
+        check_disjoint(tokenizer, committed, 768, [0])
+    with pytest.raises(SystemExit, match="seed 5's calibration"):
+        check_disjoint(tokenizer, committed, 64, [5])
+    with pytest.raises(SystemExit, match="draws of 1500 windows leave [0-9]+ dev windows, fewer than 128"):
+        dev_windows(tokenizer, 1500)
 
 
 def test_dev_report_averages_seeds(tmp_path):
@@ -85,9 +111,12 @@ def test_dev_report_averages_seeds(tmp_path):
              "peak RSS MiB": 100.0, "load average": 1.0} for s, p in ((0, 60.0), (1, 62.0), (2, 64.0))]
     rows[1].update({"clean dev PPL": 66.0, "copy NLL": 0.5})  # rows from before the scores existed have none
     rows[2].update({"clean dev PPL": 68.0, "copy NLL": 0.7, "seed": 3})
-    text = report(rows + [{**rows[0], "name": "b"}])
+    text = report(rows + [{**rows[0], "name": "b"}, {**rows[0], "dev draw": 768}, {**rows[0], "dev overlap": 25}])
     assert "| P20 | a | (defaults) | 0,1,3 | 62.00 [60.00-64.00] | 67.00 | 0.600 | 10 | 100 | 1.0 |" in text
     assert "| P20 | b | (defaults) | 0 | 60.00 | — | — | 0 | 100 | 1.0 |" in text
+    # rows scored on other windows, or on windows their calibration saw, never average with the others
+    assert "| P20 | a [scored outside every 768-window draw] | (defaults) | 0 | 60.00 |" in text
+    assert "| P20 | a [its calibration held some of the scored windows: not a dev figure] | (defaults) | 0 |" in text
 
 
 def test_text_mask_marks_every_piece_of_unk(smollm2):
