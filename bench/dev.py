@@ -75,10 +75,9 @@ def make_split(tokenizer) -> dict:
             "dev": dev, "scored": scored, "scored_sha256": windows_sha256(windows[scored])}
 
 
-def dev_windows(tokenizer, draw: int = MAX_SAMPLES) -> tuple[torch.Tensor, list[int]]:
-    """The scored dev windows (tokens, indices) outside every seed's draw of `draw` windows; the committed ones
-    (checked against their recorded token hash) up to MAX_SAMPLES."""
-    windows = calibration_windows(tokenizer)
+def dev_windows(windows: torch.Tensor, draw: int = MAX_SAMPLES) -> tuple[torch.Tensor, list[int]]:
+    """The scored dev windows (tokens, indices) among the calibration `windows`, outside every seed's draw of `draw`
+    windows; the committed ones (checked against their recorded token hash) up to MAX_SAMPLES."""
     if draw > MAX_SAMPLES:
         scored = _split(windows, draw)[1]
         return windows[scored], scored
@@ -102,11 +101,10 @@ def calibration_draw(flags: list[str]) -> int:
     return max(args.num_samples, solve)
 
 
-def check_disjoint(tokenizer, scored: list[int], draw: int, seeds: list[int]) -> None:
-    """Refuse (one line) a run whose calibration draw of `draw` windows at one of `seeds` holds a scored window."""
+def check_disjoint(windows: torch.Tensor, scored: list[int], draw: int, seeds: list[int]) -> None:
+    """Refuse (one line) a run whose draw of `draw` calibration `windows` at one of `seeds` holds a scored window."""
     from llama_pruning.data import calibration_indices
 
-    windows = calibration_windows(tokenizer)
     for seed in seeds:
         seen = set(calibration_indices(windows, draw, seed)).intersection(scored)
         if seen:
@@ -221,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("run needs a row NAME")
     own = calibration_draw(flags)
     draw = max(args.dev_draw, own, MAX_SAMPLES)
-    windows, scored = dev_windows(tokenizer, draw)
-    check_disjoint(tokenizer, scored, own, args.seeds)
+    every = calibration_windows(tokenizer)  # tokenized once for the split and the check
+    windows, scored = dev_windows(every, draw)
+    check_disjoint(every, scored, own, args.seeds)
     placeholders = text_mask(tokenizer, windows, PLACEHOLDER)
     for seed in args.seeds:
         row = run_seed(args.name, args.point, seed, flags, windows, placeholders, draw)

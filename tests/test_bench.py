@@ -73,7 +73,7 @@ def test_dev_split_is_disjoint_from_every_calibration_draw_and_reproducible(smol
     drawn = set().union(*(calibration_indices(windows, MAX_SAMPLES, seed) for seed in SEEDS))
     assert len(split["dev"]) == len(windows) - len(drawn) > 800
     assert drawn.isdisjoint(split["dev"]) and set(split["scored"]) <= set(split["dev"])
-    tokens, scored = dev_windows(tokenizer)
+    tokens, scored = dev_windows(windows)
     assert len(split["scored"]) == 128 and tokens.shape == (128, 128) and scored == split["scored"]
     # a default run's calibration (64 windows for importance, 256 for the solve) is a prefix of its seed's draw
     assert calibration_indices(windows, 256, 0)[:64] == calibration_indices(windows, 64, 0)
@@ -90,18 +90,18 @@ def test_larger_draws_are_scored_outside_them_and_overlaps_refused(smollm2):
     assert calibration_draw([]) == 384 and calibration_draw(["--reconstruct", "lsq"]) == 256
     assert calibration_draw(["--reconstruct_samples", "768"]) == 768
     assert calibration_draw(["--reconstruct", "none", "--num_samples", "100"]) == 100
-    committed = dev_windows(tokenizer)[1]
-    tokens, scored = dev_windows(tokenizer, 768)
+    committed = dev_windows(windows)[1]
+    tokens, scored = dev_windows(windows, 768)
     assert tokens.shape == (128, 128) and torch.equal(tokens, windows[scored]) and scored != committed
     for seed in SEEDS:
         assert set(calibration_indices(windows, 768, seed)).isdisjoint(scored)
-        check_disjoint(tokenizer, scored, 768, [seed])
+        check_disjoint(windows, scored, 768, [seed])
     with pytest.raises(SystemExit, match="seed 0's calibration \\(768 windows\\) holds 25 of the 128"):
-        check_disjoint(tokenizer, committed, 768, [0])
+        check_disjoint(windows, committed, 768, [0])
     with pytest.raises(SystemExit, match="seed 5's calibration"):
-        check_disjoint(tokenizer, committed, 64, [5])
+        check_disjoint(windows, committed, 64, [5])
     with pytest.raises(SystemExit, match="draws of 1500 windows leave [0-9]+ dev windows, fewer than 128"):
-        dev_windows(tokenizer, 1500)
+        dev_windows(windows, 1500)
 
 
 def test_dev_report_averages_seeds(tmp_path):
