@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from llama_pruning.models.arch import UnsupportedModelError, count_params, model_spec
+from llama_pruning.models.arch import UnsupportedModelError, count_params, matmul_attention, model_spec
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.plan import PLAN_FILENAME, PlanError, PruningPlan
 from llama_pruning.surgery import apply_plan, expand_to_dense
@@ -317,3 +317,32 @@ def test_strategy_plot_mentions_deleted_layers_only_when_there_are_some(tmp_path
                           layer_score_label="layer importance\n(block_influence)")
     assert bool(plan.removed_layers) == remove_blocks
     assert labels == ["layer (red: deleted)" if remove_blocks else "layer"]
+
+
+@pytest.mark.parametrize("family, fields", [("llama", {}), ("mistral", {"sliding_window": 5}), ("qwen2", {})])
+def test_matmul_attention_computes_what_sdpa_does(family, fields):
+    """block's CPU attention gives SDPA's outputs and gradients (causal, sliding, padded rows, GQA, q/k/v biases), and the
+    model's own implementation is back after the region, also when it raises."""
+    model = tiny_model(model_type=family, bias=family == "qwen2", **fields)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 97, (3, 12))
+    pad = torch.ones_like(ids)
+    pad[0, :4] = 0  # left padding: those rows attend to nothing
+
+    def run():
+        model.zero_grad()
+        logits = model(ids, attention_mask=pad).logits[pad.bool()]
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    reference = run()
+    with matmul_attention(model):
+        assert model.config._attn_implementation != "sdpa"
+        fast = run()
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(reference, fast, strict=True))
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), matmul_attention(model):
+        raise RuntimeError
+    with matmul_attention(model, enabled=False):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"

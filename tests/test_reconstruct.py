@@ -378,6 +378,25 @@ def test_block_autocast_auto_follows_the_device():
     assert not all(torch.equal(v, runs[not native][k]) for k, v in runs[None].items())
 
 
+@pytest.mark.parametrize("mode", ["lsq", "block"])
+def test_block_on_cpu_runs_matmul_attention(monkeypatch, mode):
+    """block's steps and passes on CPU go through the matmul attention, every one of them; lsq keeps the model's own."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from llama_pruning.models.arch import MATMUL_ATTENTION
+
+    seen = []
+    fast = ALL_ATTENTION_FUNCTIONS[MATMUL_ATTENTION]
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, MATMUL_ATTENTION,
+                        lambda *a, **k: seen.append("matmul") or fast(*a, **k))
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *a, **k: seen.append("sdpa") or sdpa(*a, **k))
+    dense = tiny_model(layers=2)
+    prune_with_reconstruction(dense, _partial_plan(dense, seed=1), _ids(8, 16, seed=2), mode, progress=False)
+    assert set(seen) == {"matmul" if mode == "block" else "sdpa"}
+    assert dense.config._attn_implementation == "sdpa"
+
+
 def test_autocast_rounds_block_passes_only():
     """block runs its fit passes in bfloat16 under autocast; lsq (a final fit, not a start) ignores the flag exactly."""
     dense = tiny_model(layers=2)
