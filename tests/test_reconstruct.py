@@ -378,12 +378,16 @@ def test_block_autocast_auto_follows_the_device():
     assert not all(torch.equal(v, runs[not native][k]) for k, v in runs[None].items())
 
 
-@pytest.mark.parametrize("mode", ["lsq", "block"])
-def test_block_on_cpu_runs_matmul_attention(monkeypatch, mode):
-    """block's steps and passes on CPU go through the matmul attention, every one of them; lsq keeps the model's own."""
+@pytest.mark.parametrize("mode, longest, expected", [("lsq", 512, "sdpa"), ("block", 512, "matmul"), ("block", 15, "sdpa")])
+def test_block_on_cpu_runs_matmul_attention(monkeypatch, mode, longest, expected):
+    """block's steps and passes on CPU go through the matmul attention, every one of them, unless the windows are longer
+    than it takes; lsq keeps the model's own."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from llama_pruning.models import arch
     from llama_pruning.models.arch import MATMUL_ATTENTION
+
+    monkeypatch.setattr(arch, "MATMUL_ATTENTION_MAX_TOKENS", longest)
 
     seen = []
     fast = ALL_ATTENTION_FUNCTIONS[MATMUL_ATTENTION]
@@ -393,7 +397,7 @@ def test_block_on_cpu_runs_matmul_attention(monkeypatch, mode):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *a, **k: seen.append("sdpa") or sdpa(*a, **k))
     dense = tiny_model(layers=2)
     prune_with_reconstruction(dense, _partial_plan(dense, seed=1), _ids(8, 16, seed=2), mode, progress=False)
-    assert set(seen) == {"matmul" if mode == "block" else "sdpa"}
+    assert set(seen) == {expected}
     assert dense.config._attn_implementation == "sdpa"
 
 

@@ -172,6 +172,7 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 
 MATMUL_ATTENTION = "llama_pruning_matmul"
+MATMUL_ATTENTION_MAX_TOKENS = 512  # longer windows keep SDPA, whose memory does not grow with the length squared
 
 
 def _matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -179,8 +180,9 @@ def _matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       **kwargs) -> tuple[torch.Tensor, None]:
     """Attention as two batched matmuls around a float32 softmax, causal where the mask is None (as SDPA reads it).
 
-    The same math as transformers' eager path for the masks SDPA models build (None or bool, True = attend); on CPU, for
-    windows of a few hundred tokens, its backward runs several times faster than SDPA's fused kernel.
+    The same math as transformers' eager path on the masks SDPA models build (None or bool, True = attend; registered
+    below as its masks); on CPU, for windows of a few hundred tokens, its backward runs several times faster than
+    SDPA's fused kernel.
     """
     repeat = query.shape[1] // key.shape[1]  # GQA: each KV head serves `repeat` consecutive query heads
     key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
@@ -191,10 +193,8 @@ def _matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             q_len, k_len = query.shape[2], key.shape[2]
             allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
             scores = scores.masked_fill(~allowed, lowest)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, lowest)
     else:
-        scores = scores + attention_mask[..., :key.shape[2]]
+        scores = scores.masked_fill(~attention_mask, lowest)
     weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     return (weights @ value).transpose(1, 2).contiguous(), None
