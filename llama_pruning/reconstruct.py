@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from llama_pruning import placement
 from llama_pruning.gram import add_gram_, mirror_
 from llama_pruning.models import arch
-from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, final_norm, matmul_attention, run_layer
+from llama_pruning.models.arch import capture_layer_inputs, decoder_layers, final_norm, run_layer
 from llama_pruning.options import (  # noqa: F401 (re-exported)
     DEFAULT_BLOCK_EPOCHS,
     DEFAULT_BLOCK_LR,
@@ -613,8 +613,8 @@ def prune_with_reconstruction(
     was_training = model.training
     model.eval()  # no dropout in the passes whose statistics are fitted
     # block's many short-window steps on CPU: matmul attention (SDPA's fused backward is the slower there); lsq, bias as before
-    fast_attention = matmul_attention(model, mode == "block" and device.type == "cpu"
-                                      and samples.shape[1] <= arch.MATMUL_ATTENTION_MAX_TOKENS)
+    fast_attention = arch.matmul_attention(model, mode == "block" and device.type == "cpu"
+                                           and samples.shape[1] <= arch.MATMUL_ATTENTION_MAX_TOKENS)
     try:
         with torch.no_grad(), fast_attention:
             hidden, kwargs = capture_layer_inputs(model, samples, batch_size)

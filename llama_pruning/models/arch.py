@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from llama_pruning import placement
 
@@ -178,26 +179,20 @@ MATMUL_ATTENTION_MAX_TOKENS = 512  # longer windows keep SDPA, whose memory does
 def _matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
                       **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention as two batched matmuls around a float32 softmax, causal where the mask is None (as SDPA reads it).
+    """transformers' eager attention (two batched matmuls around a float32 softmax; the Llama, Mistral and Qwen2 modules
+    share it) on the masks SDPA builds, registered below as its masks: None is causal, bool marks what may be attended.
 
-    The same math as transformers' eager path on the masks SDPA models build (None or bool, True = attend; registered
-    below as its masks); on CPU, for windows of a few hundred tokens, its backward runs several times faster than
-    SDPA's fused kernel.
+    On CPU, for windows of a few hundred tokens, its backward runs several times faster than SDPA's fused kernel.
     """
-    repeat = query.shape[1] // key.shape[1]  # GQA: each KV head serves `repeat` consecutive query heads
-    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-    scores = query @ key.transpose(2, 3) * scaling
-    lowest = torch.finfo(scores.dtype).min  # not -inf: a row with nothing to attend to stays finite, as in eager
-    if attention_mask is None:
-        if query.shape[2] > 1 and getattr(module, "is_causal", True):
-            q_len, k_len = query.shape[2], key.shape[2]
-            allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-            scores = scores.masked_fill(~allowed, lowest)
-    else:
-        scores = scores.masked_fill(~attention_mask, lowest)
-    weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return (weights @ value).transpose(1, 2).contiguous(), None
+    if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True):
+        q_len, k_len = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    if attention_mask is not None:  # eager adds its mask: 0 where allowed, else the lowest finite value (as eager's own)
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    out, _ = eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
+    return out, None
 
 
 AttentionInterface.register(MATMUL_ATTENTION, _matmul_attention)
