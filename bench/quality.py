@@ -44,21 +44,29 @@ def configurations() -> list[tuple[str, list[str]]]:
         return (f"{point} layer {dist} {strategy}", ["layer", "--pruning_ratio", str(RATIOS[point]), "--pruning_distribution",
                                                      dist, "--pruning_strategy", strategy, "--reconstruct", "none"])
 
+    def obs_row(point: str, reconstruct: str, *extra: str, fisher: str = "labels") -> tuple[str, list[str]]:
+        """An obs row; those of rounds before issue 17's twenty-first weighed by the text's labels' Fisher (spelled out)."""
+        return global_row(point, "obs", reconstruct, *extra, "--obs_fisher", fisher)
+
+    def kl_row(point: str, fisher: str) -> list[str]:
+        return obs_row(point, "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333",
+                       "--reconstruct_last_loss", "kl", "--reconstruct_autocast", "bf16", fisher=fisher)[1]
+
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
+    # the global command's defaults since issue 17's twenty-first round: obs weighed by the Fisher of the model's own
+    # predictions + block, 128 Adam steps on 384 windows, the last layer's toward the dense next-token distribution,
+    # <unk> placeholders out of the fit, the knapsack's cut penalty 1; bf16 where native (this CPU has AVX512-BF16)
+    rows += [(f"{p} global obs block sampled Fisher last_loss kl bf16 autocast", kl_row(p, "sampled")) for p in POINTS]
     # obs rows of earlier rounds ran before obs got its cut penalty (issue 17's eighth round): they spell out 0
-    rows += [global_row(p, "obs", "lsq", "--cut_penalty", "0") for p in POINTS]
+    rows += [obs_row(p, "lsq", "--cut_penalty", "0") for p in POINTS]
     rows += [global_row("P50", "taylor", "lsq")]
-    # the global command's defaults since issue 17's seventeenth round: obs + block, 128 Adam steps on 384 windows, the
-    # last layer's toward the dense next-token distribution, <unk> placeholders out of the fit, the knapsack's cut
-    # penalty 1; bf16 where native (these rows: this CPU has AVX512-BF16)
-    rows += [(f"{p} global obs block last_loss kl bf16 autocast",
-              global_row(p, "obs", "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333",
-                         "--reconstruct_last_loss", "kl", "--reconstruct_autocast", "bf16")[1]) for p in POINTS]
+    # the seventeenth round's defaults (obs weighed by the labels' Fisher)
+    rows += [(f"{p} global obs block last_loss kl bf16 autocast", kl_row(p, "labels")) for p in POINTS]
     # the tenth round's defaults (the last layer's steps on the squared error like every other layer's); the ninth
     # round's are the same with the placeholders in, the sixth round's also without the penalty
     def default_row(point: str, *extra: str) -> list[str]:
-        return global_row(point, "obs", "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333",
-                          "--reconstruct_last_loss", "mse", *extra)[1]
+        return obs_row(point, "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333",
+                       "--reconstruct_last_loss", "mse", *extra)[1]
 
     rows += [(f"{p} global obs block", default_row(p)) for p in POINTS]
     # the default where bfloat16 is native (`auto` picks it there; the rows above ran on a CPU where it keeps float32)
@@ -69,10 +77,10 @@ def configurations() -> list[tuple[str, list[str]]]:
     rows += [(f"{p} global obs block cut_penalty 0", default_row(p, "--cut_penalty", "0", "--reconstruct_ignore", "none"))
              for p in POINTS]
     # the fourth round's defaults: two Adam passes over 256 windows
-    rows += [(f"{p} global obs block 256 windows 2 epochs", global_row(p, "obs", "block", "--reconstruct_samples", "256",
-                                                                       "--reconstruct_epochs", "2", "--cut_penalty", "0",
-                                                                       "--reconstruct_ignore", "none",
-                                                                       "--reconstruct_last_loss", "mse")[1])
+    rows += [(f"{p} global obs block 256 windows 2 epochs", obs_row(p, "block", "--reconstruct_samples", "256",
+                                                                    "--reconstruct_epochs", "2", "--cut_penalty", "0",
+                                                                    "--reconstruct_ignore", "none",
+                                                                    "--reconstruct_last_loss", "mse")[1])
              for p in POINTS]
     # the same with the solve on the 64 importance windows only (the default solve draws 256)
     rows += [(f"{p} global taylor lsq 64-window solve", global_row(p, "taylor", "lsq", "--reconstruct_samples", "64")[1])

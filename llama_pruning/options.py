@@ -13,6 +13,9 @@ TAYLOR_2ND_VARIANTS = ("mix", "second", "sum")
 DEFAULT_TAYLOR_2ND_VARIANT = "mix"
 LAYER_METHODS = ("block_influence", "removal", "taylor")
 OBS_CHUNKS = 128  # obs: greedy rounds per block at most (MLP channels go ~n/128 at a time, one low-rank update each)
+# obs: the Fisher weights' labels, the model's own draws (the true Fisher, sampled) or the text's next tokens (empirical)
+OBS_FISHERS = ("sampled", "labels")
+DEFAULT_OBS_FISHER = "sampled"  # chosen on dev (docs/RESULTS_NOTES.md, twenty-first round)
 # selection
 NORMALIZATIONS = ("auto", "none", "layer")
 STRATEGIES = ("inverse", "uniform")

@@ -185,6 +185,8 @@ def test_importance_and_reconstruction_defaults_per_command():
     fast = parse("global", "--fast")
     assert (fast.importance_method, fast.reconstruct, fast.num_samples, fast.reconstruct_samples) == ("taylor", "lsq", 8, 8)
     assert parse("global", "--fast", "--importance_method", "obs").importance_method == "obs"
+    # obs's Fisher: the model's own predictions (chosen on dev), the text's labels when asked
+    assert (default.obs_fisher, parse("global", "--obs_fisher", "labels").obs_fisher) == ("sampled", "labels")
     # the knapsack's cut penalty: 1 for obs (chosen on dev), off for the other methods, a given value as given
     assert [resolve_cut_penalty(ns.cut_penalty, ns.importance_method)
             for ns in (default, parse("global", "--importance_method", "taylor"), parse("global", "--cut_penalty", "0"),
@@ -199,6 +201,19 @@ def test_importance_and_reconstruction_defaults_per_command():
                        parse("global", "--reconstruct_last_loss", "mse"), parse("layer", "--reconstruct", "block",
                                                                                 "--reconstruct_last_loss", "kl"))
             ] == ["kl", "mse", "mse", "mse", "mse", "kl"]
+
+
+def test_importance_table_hands_the_obs_fisher_on(monkeypatch):
+    """--obs_fisher reaches the importance pass (and, through its kwargs, the cache key)."""
+    import llama_pruning.importance as importance
+    from llama_pruning.cli.common import importance_table
+
+    seen: dict = {}
+    monkeypatch.setattr(importance, "compute_importance", lambda model, samples, method, **kw: seen.update(kw))
+    for fisher in ("sampled", "labels"):
+        importance_table(None, build_parser("global").parse_args(["--obs_fisher", fisher, "--importance_cache", "none"]),
+                         None, None)
+        assert seen["obs_fisher"] == fisher
 
 
 def test_help_shows_defaults_without_importing_torch():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 
@@ -252,11 +253,13 @@ def test_table_layout():
     assert layer1.group_idx.tolist() == [0, 1] + list(range(10))
 
 
-@pytest.mark.parametrize("method", ["taylor", "taylor_2nd", "obs"])
-def test_micro_batch_size_does_not_change_scores(method):
+@pytest.mark.parametrize("method, fisher", [("taylor", None), ("taylor_2nd", None), ("obs", "sampled"), ("obs", "labels")])
+def test_micro_batch_size_does_not_change_scores(method, fisher):
     model = tiny_model(layers=2, bias=True, intermediate=16, seed=7)
     samples = torch.randint(0, 97, (8, 12), generator=torch.Generator().manual_seed(2))
-    tables = [compute_importance(model, samples, method, gradient_batch_size=b, progress=False) for b in (1, 2, 3, 8)]
+    extra = {} if fisher is None else {"obs_fisher": fisher}
+    tables = [compute_importance(model, samples, method, gradient_batch_size=b, progress=False, **extra)
+              for b in (1, 2, 3, 8)]
     for table in tables[1:]:
         for column in table.columns[3:]:
             ref = tables[0][column].to_numpy()
@@ -284,6 +287,63 @@ def test_per_weight_buffers_live_for_one_layer_at_a_time_and_state_restored(meth
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sampled_ids_invert_the_model_cdf():
+    """Each target is the token whose CDF interval holds its uniform draw; the first token (no prediction) stays."""
+    from llama_pruning.importance.runtime import sampled_ids
+
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0)) * 3
+    cdf = logits[:, :-1].softmax(-1).cumsum(-1)
+    want = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
+    lower = torch.where(want > 0, cdf.gather(-1, (want - 1).clamp(min=0)[..., None])[..., 0], torch.zeros(()))
+    mid = (lower + cdf.gather(-1, want[..., None])[..., 0]) / 2  # the middle of each wanted token's interval
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(2))
+    uniform = torch.cat([mid.double(), torch.zeros(2, 1, dtype=torch.float64)], 1)  # uniform[:, t] draws target t + 1
+    drawn = sampled_ids(logits, ids, uniform)
+    assert torch.equal(drawn[:, 0], ids[:, 0]) and torch.equal(drawn[:, 1:], want)
+
+
+def test_obs_sampled_fisher_is_the_nll_fisher_of_the_drawn_targets():
+    """With `obs_fisher="sampled"`, greedy OBS receives sum_t (dL/dy_t)^2 of the mean NLL of targets drawn from the
+    model's own predictions with uniforms from `--seed`; `labels` that of the text's next tokens; seeds differ."""
+    import llama_pruning.importance.obs as obs_module
+    from llama_pruning.importance.runtime import sampled_ids
+
+    model = tiny_model(layers=2, intermediate=16, seed=5)
+    samples = torch.randint(0, 97, (4, 9), generator=torch.Generator().manual_seed(0))
+    real = obs_module.greedy_obs
+    for fisher in ("sampled", "labels"):
+        got = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(obs_module, "greedy_obs",
+                          lambda w, g, f, *a, got=got, **k: (got.append(f.clone()), real(w, g, f, *a, **k))[1])
+            compute_importance(model, samples, "obs", gradient_batch_size=3, progress=False, obs_fisher=fisher, seed=7)
+        outputs = {}
+
+        def keep(module, args, out, name, outputs=outputs):
+            out.retain_grad()
+            outputs[name] = out
+
+        hooks = [lin.register_forward_hook(functools.partial(keep, name=name))
+                 for name, lin in model.named_modules() if name.endswith(("o_proj", "down_proj"))]
+        logits = model(input_ids=samples).logits
+        for hook in hooks:
+            hook.remove()
+        uniform = torch.rand(samples.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        targets = sampled_ids(logits.detach(), samples, uniform) if fisher == "sampled" else samples
+        torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        order = ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
+                 "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj")  # folding order
+        for f, name in zip(got, order, strict=True):
+            torch.testing.assert_close(f, outputs[name].grad.double().square().sum((0, 1)), rtol=1e-4, atol=1e-12)
+        if fisher == "sampled":
+            assert not torch.equal(targets, samples)
+    tables = [compute_importance(model, samples, "obs", progress=False, obs_fisher=f, seed=s)
+              for f, s in (("sampled", 0), ("sampled", 1), ("labels", 0), ("labels", 1))]
+    assert not tables[0].importance.equals(tables[1].importance)
+    pd.testing.assert_frame_equal(tables[2], tables[3], check_exact=True)  # labels: the seed plays no part
 
 
 def _joint_error(w: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, removed: list[int]) -> float:
@@ -360,6 +420,8 @@ def test_bad_input_messages():
         compute_importance(model, ids, "fisher")
     with pytest.raises(ValueError, match="unknown taylor_2nd variant 'both'"):
         compute_importance(model, ids, "taylor_2nd", taylor_2nd_variant="both")
+    with pytest.raises(ValueError, match="unknown obs Fisher 'true'; choose one of sampled, labels"):
+        compute_importance(model, ids, "obs", obs_fisher="true")
     with pytest.raises(ValueError, match="LongTensor"):
         compute_importance(model, ids.float(), "taylor")
     with pytest.raises(ValueError, match="batch size"):
@@ -454,6 +516,10 @@ def test_obs_cache_entry_changes_with_its_constants(monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(cache_module, name, value)
             assert cache_module.cache_path("c", cache_module.importance_cache_key(model, samples, "obs")) != path
+    key = functools.partial(cache_module.importance_cache_key, model, samples, "obs")
+    paths = {cache_module.cache_path("c", key(**kw)) for kw in ({}, {"seed": 1}, {"obs_fisher": "labels"})}
+    assert len(paths | {path}) == 3  # the sampled targets' seed and the Fisher's kind are part of the key
+    assert key(obs_fisher="labels", seed=0) == key(obs_fisher="labels", seed=1)  # labels: no draws
 
 
 @pytest.mark.slow

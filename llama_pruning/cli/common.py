@@ -27,6 +27,7 @@ from llama_pruning.options import (
     DEFAULT_DRIFT,
     DEFAULT_LAST_LOSS,
     DEFAULT_MODEL,
+    DEFAULT_OBS_FISHER,
     DEFAULT_OUTTYPE,
     DEFAULT_RIDGE,
     DEFAULT_SAMPLES,
@@ -36,6 +37,7 @@ from llama_pruning.options import (
     LAST_LOSSES,
     METHODS,
     MODES,
+    OBS_FISHERS,
     OUTTYPES,
     TAYLOR_2ND_VARIANTS,
     reconstruct_windows,
@@ -182,6 +184,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
     p.add_argument("--importance_ignore", type=non_empty, default=None, metavar="TEXT",
                    help="leave the calibration tokens overlapping TEXT out of the importance loss (and obs's Gram "
                         "matrices); they stay in as context (taylor, taylor_2nd, obs; e.g. '<unk>')")
+    p.add_argument("--obs_fisher", choices=OBS_FISHERS, default=DEFAULT_OBS_FISHER,
+                   help="obs: weigh each block's output error by the Fisher of the model's own predictions (sampled, "
+                        "seeded by --seed) or of the text's next tokens (labels); see docs/IMPORTANCE.md")
     p.add_argument("--dataset", default="wikitext2",
                    help="calibration data: wikitext2, ptb, c4, or a local .txt/.jsonl file")
     p.add_argument("--num_samples", type=positive_int, default=64, help="calibration windows")
@@ -276,7 +281,7 @@ def importance_table(model: nn.Module, args: argparse.Namespace, samples: torch.
     from llama_pruning.importance import cached_importance, compute_importance
 
     kwargs = dict(gradient_batch_size=args.gradient_batch_size, device=args.device, seed=args.seed,
-                  taylor_2nd_variant=args.taylor_2nd_variant, ignore=ignore)
+                  taylor_2nd_variant=args.taylor_2nd_variant, ignore=ignore, obs_fisher=args.obs_fisher)
     cache = importance_cache_dir(args)
     if not cached or cache.lower() == "none":
         return compute_importance(model, samples, args.importance_method, **kwargs)
@@ -360,9 +365,10 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
 
 
 # flags that only choose units: a replayed --plan has its units already (iterative_steps is refused on its own)
-SELECTION_FLAGS = ("pruning_ratio", "importance_method", "taylor_2nd_variant", "importance_ignore", "remove_empty_layers",
-                   "layer_start", "layer_end", "normalization", "cut_penalty", "round_to", "pruning_distribution",
-                   "pruning_strategy", "layer_importance_method", "freeze_top_n_layers", "remove_layers")
+SELECTION_FLAGS = ("pruning_ratio", "importance_method", "taylor_2nd_variant", "importance_ignore", "obs_fisher",
+                   "remove_empty_layers", "layer_start", "layer_end", "normalization", "cut_penalty", "round_to",
+                   "pruning_distribution", "pruning_strategy", "layer_importance_method", "freeze_top_n_layers",
+                   "remove_layers")
 
 
 def check_replay_flags(args: argparse.Namespace) -> None:

@@ -26,14 +26,14 @@ from llama_pruning.importance.obs import DAMPING
 from llama_pruning.importance.unit import DEFAULT_TAYLOR_2ND_VARIANT, compute_importance
 from llama_pruning.importance.units import table_problem
 from llama_pruning.models.arch import model_spec
-from llama_pruning.options import OBS_CHUNKS
+from llama_pruning.options import DEFAULT_OBS_FISHER, OBS_CHUNKS
 
 logger = logging.getLogger(__name__)
 
 
 def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, key_fields: dict | None = None, *,
                          seed: int = 0, taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
-                         ignore: torch.Tensor | None = None) -> dict:
+                         ignore: torch.Tensor | None = None, obs_fisher: str = DEFAULT_OBS_FISHER) -> dict:
     """The JSON-serialisable fields that identify one importance table."""
     key = dict(key_fields or {})
     key.update(
@@ -51,7 +51,9 @@ def importance_cache_key(model: nn.Module, samples: torch.Tensor, method: str, k
     if ignore is not None and bool(ignore.any()):  # tokens left out of the scoring pass
         key["ignore_sha256"] = hashlib.sha256(ignore.cpu().contiguous().numpy().tobytes()).hexdigest()
     if method == "obs":  # its constants change the table, so an edited value must not read an old one
-        key.update(obs_damping=DAMPING, obs_chunks=OBS_CHUNKS)
+        key.update(obs_damping=DAMPING, obs_chunks=OBS_CHUNKS, obs_fisher=obs_fisher)
+        if obs_fisher == "sampled":  # the targets' draws
+            key["sample_seed"] = seed
     return key
 
 
@@ -91,7 +93,7 @@ def cached_importance(model: nn.Module, samples: torch.Tensor, method: str, cach
     """
     key = importance_cache_key(model, samples, method, key_fields, seed=kwargs.get("seed", 0),
                                taylor_2nd_variant=kwargs.get("taylor_2nd_variant", DEFAULT_TAYLOR_2ND_VARIANT),
-                               ignore=kwargs.get("ignore"))
+                               ignore=kwargs.get("ignore"), obs_fisher=kwargs.get("obs_fisher", DEFAULT_OBS_FISHER))
     path = cache_path(cache_dir, key)
     if path.is_file() and (table := _read_entry(path, model)) is not None:
         logger.info("importance cache hit: %s", path)

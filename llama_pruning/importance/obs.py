@@ -4,7 +4,8 @@ Cutting units of a block only drops input columns S of its o_proj / down_proj (W
 Gram matrix over the calibration tokens is H = X^T X (+ damping). After the best least-squares update of the
 kept columns the output error is W_S (H^-1_SS)^-1 W_S^T per output row (OBS; structured as in SlimGPT/ZipLM).
 Weighting output feature d by the Fisher diagonal F_d = sum_t (dL/dy_td)^2 of the block output (L: the mean
-token NLL) turns it into a second-order loss estimate dL = 0.5 sum_d F_d E_d, comparable across blocks.
+token NLL, its targets drawn from the model's own predictions: the true Fisher, sampled; or the text's next tokens: the
+empirical one) turns it into a second-order loss estimate dL = 0.5 sum_d F_d E_d, comparable across blocks.
 Units are removed greedily per block, cheapest first, W and H^-1 updated after each removal; a unit's score
 is the loss increase at its step (running maximum), so the global knapsack takes each block in greedy order.
 """
@@ -20,7 +21,7 @@ from llama_pruning.gram import add_gram_, mirror_
 from llama_pruning.importance.runtime import layerwise_backward, on_output_gradient
 from llama_pruning.importance.units import unit_linears
 from llama_pruning.models.arch import ModelSpec
-from llama_pruning.options import OBS_CHUNKS
+from llama_pruning.options import DEFAULT_OBS_FISHER, OBS_CHUNKS
 
 DAMPING = 0.1  # relative ridge of H, as lsq's default (3000 tokens of 32768) leaves the compensation
 
@@ -115,15 +116,17 @@ def greedy_obs(weight: torch.Tensor, gram: torch.Tensor, fisher: torch.Tensor, g
 
 
 def obs_scores(model: nn.Module, samples: torch.Tensor, spec: ModelSpec, device: torch.device, batch_size: int,
-               progress: bool, ignore: torch.Tensor | None = None) -> dict[str, dict]:
+               progress: bool, ignore: torch.Tensor | None = None, fisher: str = DEFAULT_OBS_FISHER,
+               seed: int = 0) -> dict[str, dict]:
     """Layer-by-layer gradient pass collecting what greedy OBS needs, then the scores of every block.
 
-    `ignore`: tokens left out of the loss (as targets) and of the Gram matrices (as inputs)."""
+    `ignore`: tokens left out of the loss (as targets) and of the Gram matrices (as inputs); `fisher`: `sampled` draws
+    the loss's targets from the model (seeded by `seed`), `labels` reads them from the text."""
     acc = OBSAccumulator(model, spec, None if ignore is None else list((~ignore).split(batch_size)))
     handles = acc.attach()
     try:
         layerwise_backward(model, samples, device, batch_size, acc.fold_layer, "obs", progress, ignore,
-                           lambda b: setattr(acc, "batch", b))
+                           lambda b: setattr(acc, "batch", b), seed if fisher == "sampled" else None)
     finally:
         for handle in handles:
             handle.remove()

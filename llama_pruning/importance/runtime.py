@@ -56,6 +56,16 @@ def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | 
     return F.cross_entropy(logits, targets, reduction="none")[keep.flatten().to(logits.device)].sum()
 
 
+def sampled_ids(logits: torch.Tensor, ids: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """`ids` with every target (`ids[:, 1:]`) replaced by a draw from the model's own next-token distribution (`logits`);
+    `uniform` (shaped like `ids`, in [0, 1)) drives the draws by inverse CDF, so they do not depend on the device or on
+    how windows are grouped into micro-batches (beyond the rounding of `logits`)."""
+    cdf = logits[:, :-1].float().softmax(-1).cumsum_(-1)
+    u = uniform[:, :-1, None].to(cdf) * cdf[..., -1:]
+    drawn = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    return torch.cat([ids[:, :1], drawn.to(ids)], 1)
+
+
 def nll_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL of a batch of unpadded windows."""
     return token_nll_sum(model(input_ids=ids, use_cache=False).logits, ids)
@@ -96,10 +106,12 @@ def on_output_gradient(linear: nn.Module, consume: Callable[[torch.Tensor, torch
 
 def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.device, batch_size: int,
                        layer_done: Callable[[int], None], desc: str, progress: bool,
-                       ignore: torch.Tensor | None = None, batch_started: Callable[[int], None] | None = None) -> None:
+                       ignore: torch.Tensor | None = None, batch_started: Callable[[int], None] | None = None,
+                       sample_seed: int | None = None) -> None:
     """Backpropagate the mean token NLL over all samples one decoder layer at a time, last layer first.
 
-    `ignore` (bool, shaped like `samples`): targets left out of the loss (they stay in as context);
+    `ignore` (bool, shaped like `samples`): targets left out of the loss (they stay in as context); `sample_seed`: the
+    targets are drawn from the model's own predictions (`sampled_ids`, seeded) instead of read from the text;
     `batch_started(b)` is called before micro-batch b of each layer is backpropagated.
 
     A no-grad forward keeps every layer's input hidden states (per micro-batch, in the model's dtype);
@@ -123,10 +135,15 @@ def layerwise_backward(model: nn.Module, samples: torch.Tensor, device: torch.de
     grads = []
     masks = [None] * len(hidden) if ignore is None else (~ignore[:, 1:]).split(batch_size)
     targets = num_samples * (seq_len - 1) if ignore is None else int((~ignore[:, 1:]).sum())
-    for x, ids, keep in zip(hidden, samples.split(batch_size), masks, strict=True):
+    uniform = (None if sample_seed is None else
+               torch.rand(samples.shape, generator=torch.Generator().manual_seed(sample_seed), dtype=torch.float64))
+    for b, (x, ids, keep) in enumerate(zip(hidden, samples.split(batch_size), masks, strict=True)):
         x.requires_grad_(True)
         logits = head(norm(x))
-        loss = token_nll_sum(logits, ids.to(logits.device), keep) / targets
+        ids = ids.to(logits.device)
+        if uniform is not None:
+            ids = sampled_ids(logits.detach(), ids, uniform[b * batch_size:(b + 1) * batch_size])
+        loss = token_nll_sum(logits, ids, keep) / targets
         loss.backward()
         grads.append(x.grad)
     del hidden, x, logits

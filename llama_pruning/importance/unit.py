@@ -48,9 +48,11 @@ from llama_pruning.importance.units import (
 )
 from llama_pruning.models.arch import ModelSpec, model_spec
 from llama_pruning.options import (  # noqa: F401 (re-exported)
+    DEFAULT_OBS_FISHER,
     DEFAULT_TAYLOR_2ND_VARIANT,
     GRADIENT_METHODS,
     METHODS,
+    OBS_FISHERS,
     TAYLOR_2ND_VARIANTS,
 )
 
@@ -261,6 +263,7 @@ def compute_importance(
     taylor_2nd_variant: str = DEFAULT_TAYLOR_2ND_VARIANT,
     progress: bool = True,
     ignore: torch.Tensor | None = None,
+    obs_fisher: str = DEFAULT_OBS_FISHER,
 ) -> pd.DataFrame:
     """Score every attention group and MLP channel of a dense model on calibration `samples`.
 
@@ -270,12 +273,16 @@ def compute_importance(
     beyond float rounding. The model is returned in the state it came in (mode, requires_grad, device).
     `ignore` (bool, shaped like `samples`; gradient methods only): tokens left out of the loss as targets and, for obs,
     of the Gram matrices as inputs; they stay in as context (e.g. placeholders the deployed text does not hold).
+    `obs_fisher` (obs only): `sampled` weighs its errors by the Fisher of the model's own predictions (drawn with `seed`),
+    `labels` by that of the text's next tokens.
     """
     if method not in METHODS:
         raise ValueError(f"unknown importance method {method!r}; choose one of {', '.join(METHODS)}")
     if taylor_2nd_variant not in TAYLOR_2ND_VARIANTS:
         raise ValueError(f"unknown taylor_2nd variant {taylor_2nd_variant!r}; "
                          f"choose one of {', '.join(TAYLOR_2ND_VARIANTS)}")
+    if obs_fisher not in OBS_FISHERS:
+        raise ValueError(f"unknown obs Fisher {obs_fisher!r}; choose one of {', '.join(OBS_FISHERS)}")
     check_samples(samples)
     check_batch_size(gradient_batch_size)
     check_dense(model)
@@ -296,7 +303,7 @@ def compute_importance(
         elif method == "wanda":
             columns = _wanda(model, samples, spec, dev, gradient_batch_size, progress)
         elif method == "obs":
-            columns = obs_scores(model, samples, spec, dev, gradient_batch_size, progress, ignore)
+            columns = obs_scores(model, samples, spec, dev, gradient_batch_size, progress, ignore, obs_fisher, seed)
         else:
             variant = taylor_2nd_variant if method == "taylor_2nd" else None
             columns = _taylor(model, samples, spec, dev, gradient_batch_size, variant, progress, ignore)
