@@ -19,6 +19,9 @@ counts as placed on that device; it is not moved to `--device`'s default.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -211,3 +214,23 @@ def on_device(module: nn.Module, device: str | torch.device | None = None, write
                 if hook.offload and write_back:
                     _write_back(m, hook, names)
                 add_hook_to_module(m, hook)  # an offloading hook sends the module's tensors back to meta
+
+
+def _glibc_trim() -> Callable[[], object] | None:
+    """glibc's `malloc_trim`, where the C library is glibc (Linux); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _glibc_trim()
+
+
+def release_host_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc `malloc_trim`): a layer-by-layer stage frees tensors of
+    a different size at every layer, which a fragmented heap otherwise keeps resident (docs/MEMORY.md)."""
+    if _TRIM is not None:
+        _TRIM(0)

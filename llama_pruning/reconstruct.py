@@ -475,6 +475,7 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
                 step()
     finally:
         for p, flag in zip(params, flags, strict=True):
+            p.grad = None  # the last step's gradients: a layer's worth of memory per refined layer if kept
             p.requires_grad_(flag)
         layer.to(dtype)
     first = losses[:len(inputs)]
@@ -666,10 +667,12 @@ def prune_with_reconstruction(
                                 targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight,
                                                          autocast, outputs)
                             del outputs, dense_unit, dense_layers
+                            placement.release_host_memory()
                             refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
                                          functools.partial(bar.update, len(span)), autocast, keep, loss_fn)
                             del targets, loss_fn  # with autocast, kl's loss holds a bfloat16 copy of the head
                             hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)
+                    placement.release_host_memory()
     finally:
         model.train(was_training)
     return finalize(model, plan)

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from llama_pruning import placement as placement_module
 from llama_pruning.evaluation.ppl import window_perplexity
 from llama_pruning.importance import compute_importance, layer_importance
 from llama_pruning.models import load_model
@@ -177,3 +178,19 @@ def test_dry_run_with_a_device_map_does_not_refuse(tiny_folder, tmp_path, monkey
     assert main([*argv, "--device_map", "auto"]) == 0
     assert "with --device_map the weights are spread" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(placement_module._TRIM is None, reason="glibc's malloc_trim only")
+def test_release_host_memory_returns_freed_heap_pages():
+    """Freed heap chunks below glibc's mmap threshold stay resident while a live chunk above them pins the heap's
+    top; release_host_memory hands them back (a layer-by-layer stage frees such memory at every layer)."""
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            return int(status.read().split("VmRSS:")[1].split()[0]) * 1024
+
+    chunks = [bytearray(b"x" * 100_000) for _ in range(2000)]  # 200 MB, touched, from the heap
+    pinned = chunks[-1]
+    del chunks[:-1]
+    before = rss()
+    placement_module.release_host_memory()
+    assert before - rss() > 100 * 2**20 and len(pinned) == 100_000

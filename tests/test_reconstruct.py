@@ -268,7 +268,8 @@ def _layer_io(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> list[tu
 @pytest.mark.parametrize("autocast", [False, True, "inside a caller's autocast region"])
 def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_layer(autocast):
     """Adam lowers the layer's error on its batches (bfloat16 matmuls too, also inside a caller's autocast region,
-    whose weight cache would serve the pre-step weights); dtype and requires_grad flags come back."""
+    whose weight cache would serve the pre-step weights); dtype and requires_grad flags come back, and no gradient is
+    left on the layer (the model keeps every refined layer: each would hold a layer's worth of memory)."""
     dense = tiny_model(layers=2)
     layer, teacher = decoder_layers(dense)
     layer.self_attn.q_proj.weight.requires_grad_(False)
@@ -287,6 +288,7 @@ def test_refine_layer_moves_every_weight_toward_the_targets_and_restores_the_lay
     assert all(not torch.equal(before[k], v) for k, v in layer.state_dict().items())  # norms included
     assert {p.dtype for p in layer.parameters()} == {torch.float32}
     assert not layer.self_attn.q_proj.weight.requires_grad and layer.mlp.up_proj.weight.requires_grad
+    assert all(p.grad is None for p in layer.parameters())
 
 
 @pytest.mark.parametrize("dtype, autocast", [(F64, False), (torch.float32, True)])
@@ -471,6 +473,17 @@ def test_block_holds_three_streams_of_hidden_states_while_refining(monkeypatch, 
     prune_with_reconstruction(dense, plan, calib, "block", batch_size=2, progress=False, drift_weight=drift_weight)
     batches, streams = 4, 3 if drift_weight else 2
     assert counts == [streams * batches] * 3
+
+
+@pytest.mark.parametrize("mode", ["lsq", "block"])
+def test_heap_released_after_every_layer_and_before_each_refinement(monkeypatch, mode):
+    """The C heap's free pages go back to the system once per layer, and once more before block refines a layer
+    (the lsq fit's statistics are freed by then), so a fragmented heap does not grow layer after layer."""
+    dense = tiny_model(layers=3)
+    calls = []
+    monkeypatch.setattr(reconstruct.placement, "release_host_memory", lambda: calls.append(1))
+    prune_with_reconstruction(dense, _partial_plan(dense, seed=1), _ids(4, 16, seed=2), mode, progress=False)
+    assert len(calls) == (6 if mode == "block" else 3)
 
 
 @pytest.mark.parametrize("mode", ["bias", "lsq", "block"])
