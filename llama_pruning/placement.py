@@ -9,7 +9,8 @@ module instead:
 - `prepare(model, device)`: the same, moving a model loaded without a map to `device` first;
 - `on_device(module, device, write_back)`: a context in which `module` is an ordinary module with its real
   weights on its execution device (hooks paused), so stages can read weights, backpropagate and cut layer by
-  layer; with `write_back` the cut weights are stored back where they came from (CPU dict or offload folder).
+  layer; with `write_back` the cut weights are stored back where they came from (CPU dict or offload folder);
+- `release_host_memory()`: between layers, hand the C heap's freed pages back to the system (glibc).
 
 A map that puts the whole model on one device (`auto` on a machine with only a CPU, or with room on one GPU)
 leaves no hooks and no `hf_device_map`: transformers dispatches only across several devices. Such a model
