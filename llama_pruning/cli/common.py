@@ -332,13 +332,11 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
     plan = PruningPlan.load(args.plan) if args.plan is not None else None
-    if args.importance_ignore is not None and plan is None and args.importance_method not in GRADIENT_METHODS:
-        raise ValueError(f"--importance_ignore leaves tokens out of a loss: it applies to {', '.join(GRADIENT_METHODS)}, "
-                         f"not {args.importance_method}")
-    for flag, (method, default) in METHOD_FLAGS.items():
-        if plan is None and getattr(args, flag) != default and args.importance_method != method:
-            raise ValueError(f"--{flag} {getattr(args, flag)} shapes {method}'s scores, so with --importance_method "
-                             f"{args.importance_method} it would not be used: drop it, or use --importance_method {method}")
+    for flag, (methods, default) in METHOD_FLAGS.items():
+        if plan is None and getattr(args, flag) != default and args.importance_method not in methods:
+            raise ValueError(f"--{flag} {getattr(args, flag)} shapes the scores of {', '.join(methods)} only, so with "
+                             f"--importance_method {args.importance_method} it would not be used: drop it, or use "
+                             f"--importance_method {' / '.join(methods)}")
     config = check_model(args.base_model, args.trust_remote_code)
     context = context_limit(config)
     calibrates = plan is None or args.reconstruct != "none"
@@ -368,9 +366,11 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     return plan
 
 
-# flags that shape one importance method's scores: refused, when set, with another method (they would not be used)
-METHOD_FLAGS = {"taylor_2nd_variant": ("taylor_2nd", DEFAULT_TAYLOR_2ND_VARIANT),
-                "obs_fisher": ("obs", DEFAULT_OBS_FISHER)}
+# flags that shape some importance methods' scores, with their defaults: refused, when set, with another method (they
+# would not be used); --importance_ignore leaves tokens out of a loss, so it shapes the gradient methods
+METHOD_FLAGS = {"importance_ignore": (GRADIENT_METHODS, None),
+                "taylor_2nd_variant": (("taylor_2nd",), DEFAULT_TAYLOR_2ND_VARIANT),
+                "obs_fisher": (("obs",), DEFAULT_OBS_FISHER)}
 
 # flags that only choose units: a replayed --plan has its units already (iterative_steps is refused on its own)
 SELECTION_FLAGS = ("pruning_ratio", "importance_method", "taylor_2nd_variant", "importance_ignore", "obs_fisher",
