@@ -17,6 +17,7 @@ from llama_pruning.cli.main import main
 from llama_pruning.models.arch import model_spec
 from llama_pruning.models.gguf_export import (
     GGUFExportError,
+    check_group_fallbacks,
     check_outtype,
     check_plan_fallbacks,
     export_gguf,
@@ -215,6 +216,37 @@ def test_quantized_fallback_refused_unless_allowed(tmp_path):
     counts = export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_1", dense_spec=dense_spec, allow_fallback=True)
     assert counts == {"F32": 9, "Q4_1": 28, "Q8_0": 1, "F16": 1}  # blk.1.ffn_down (20 channels) falls back
     assert tensor_type_counts(tmp_path / "m.gguf") == counts
+
+
+def test_attention_fallback_advice_leaves_round_to_out(tmp_path):
+    """A pruned attn_output off the block is refused with advice that can fix it: --round_to sets MLP widths only."""
+    tokenizer = byte_level_tokenizer("llama-bpe")
+    model = tiny_model(vocab_size=len(tokenizer), intermediate=64, head_dim=16, n_rep=1)  # groups of 16 columns, dense 64
+    dense_spec = model_spec(model)
+    apply_plan(model, plan_for(model, [3, 4, 4, 4], [64, 64, 64, 64]))  # layer 0's attn_output: 48 columns
+    with pytest.raises(GGUFExportError, match="GQA groups of 16 columns, which --round_to does not change") as err:
+        export_gguf(model, tokenizer, tmp_path / "m.gguf", "q4_1", dense_spec=dense_spec)
+    assert "(e.g. blk.0.attn_output.weight)" in str(err.value) and "prune with --round_to" not in str(err.value)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize(("n_rep", "head_dim", "kv_heads", "outtype", "fits"), [
+    (1, 128, 32, "q4_k_m", "f32 / f16 / bf16 / q8_0 / q4_0 / q4_1 / q5_0 / q5_1"),  # Llama-2-7B: MHA, groups of 128
+    (1, 16, 4, "q4_1", "f32 / f16 / bf16"),
+    (4, 128, 8, "q4_k_m", None),  # Llama-3-8B: groups of 512 columns
+    (3, 64, 3, "q4_k_m", None),  # SmolLM2: the dense 576 is off the block too, so the export keeps its types
+    (1, 16, 4, "f16", None),
+])
+def test_group_fallbacks_refused_before_work(n_rep, head_dim, kv_heads, outtype, fits):
+    """An --outtype whose block divides the dense o_proj width but not one GQA group's is refused from the config alone."""
+    geometry = {"n_rep": n_rep, "head_dim": head_dim, "num_kv_heads": kv_heads}
+    if fits is None:
+        check_group_fallbacks(geometry, outtype)
+        return
+    with pytest.raises(GGUFExportError) as err:
+        check_group_fallbacks(geometry, outtype)
+    assert f"GQA groups of {n_rep * head_dim} columns" in str(err.value)
+    assert f"choose --outtype {fits}, or swap --save_gguf for --save_model" in str(err.value)
 
 
 def test_layer_command_rounds_for_the_gguf_block(tmp_path, data_dir):

@@ -482,6 +482,13 @@ def test_replayed_plan_refuses_selection_flags_it_would_ignore(tiny_dir, tmp_pat
     assert err.endswith(f"--plan {tmp_path / PLAN_FILENAME} fixes them, so choose another --outtype, or swap --save_gguf "
                         "for --save_model and then run `llama-pruning export-gguf --allow_fallback` on the run")
     assert not (tmp_path / "runs").exists()
+    # without --plan the same widths are refused from the config alone, unless the command cuts no attention group
+    fresh = replay[:-2]
+    assert cli(["global", *fresh, "--save_gguf", "--outtype", "q8_0"]) == 2
+    assert "attention is cut in whole GQA groups of 16 columns" in one_line_error(capsys)
+    assert not (tmp_path / "runs").exists()
+    for argv in (["layer", *fresh, "--pruning_distribution", "0:10"], ["global", *fresh, "--pruning_ratio", "0"]):
+        assert cli([*argv, "--save_gguf", "--outtype", "q8_0", "--dry_run"]) == 0, argv
     # what replaying does use, flags at their defaults, --fast's settings and --save_gguf's own --round_to pass
     for extra in (["--fast"], ["--save_gguf"], ["--pruning_ratio", "0.2", "--importance_method", "obs"],
                   ["--seq_len", "1000"]):  # longer than the context: no calibration runs without reconstruction

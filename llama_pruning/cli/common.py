@@ -355,8 +355,13 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
             from llama_pruning.models.gguf_export import check_plan_fallbacks
 
             check_plan_fallbacks(plan, args.outtype, f"--plan {args.plan}")
-    elif check is not None:
-        check(args, geometry["num_layers"])
+    else:
+        if check is not None:
+            check(args, geometry["num_layers"])
+        if args.save_gguf and _cuts_attention(args):
+            from llama_pruning.models.gguf_export import check_group_fallbacks
+
+            check_group_fallbacks(geometry, args.outtype)
     if plan is None or args.reconstruct != "none":
         _check_text(args.dataset, "calibration", "--dataset")
     for flag in ("test_before_prune", "test_after_prune"):
@@ -364,6 +369,14 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
             _check_text("wikitext2", "evaluation", f"--{flag}")
             break
     return plan
+
+
+def _cuts_attention(args: argparse.Namespace) -> bool:
+    """Whether the command may cut attention groups: any width pruning may, except layer-wise pruning whose A:M has A = 0."""
+    from llama_pruning.selection import parse_distribution
+
+    distribution = getattr(args, "pruning_distribution", None)
+    return args.pruning_ratio > 0 and (distribution is None or parse_distribution(distribution)[0] > 0)
 
 
 # flags that shape some importance methods' scores, with their defaults: refused, when set, with another method (they

@@ -195,9 +195,28 @@ def check_fallbacks(tensors: list[tuple[str, np.ndarray, bool]], block: int, den
     rows = dense_row_lengths(dense)
     bad = [name for name, array, standin in tensors
            if array.ndim == 2 and not standin and array.shape[-1] % block and rows[_role(name)] % block == 0]
-    if bad:
-        raise _fallback_error(bad, block, f"prune with --round_to {block}, choose another --outtype, or pass "
+    if not bad:
+        return
+    if all(_role(name) == "attn_output" for name in bad):  # --round_to sets MLP widths only
+        raise _fallback_error(bad, block, f"attention is cut in whole GQA groups of {dense.n_rep * dense.head_dim} "
+                                          "columns, which --round_to does not change: choose another --outtype, or pass "
                                           "--allow_fallback")
+    raise _fallback_error(bad, block, f"prune with --round_to {block}, choose another --outtype, or pass --allow_fallback")
+
+
+def check_group_fallbacks(geometry: dict, outtype: str) -> None:
+    """Before any work: refuse an --outtype whose block does not divide a GQA group's o_proj width where it divides the
+    dense width, since a pruned attn_output would then fall back to a wider type (`geometry`: `config_geometry`)."""
+    block = quant_block(outtype)
+    group = geometry["n_rep"] * geometry["head_dim"]
+    if group % block == 0 or geometry["num_kv_heads"] * group % block:
+        return
+    fits = [name for name in OUTTYPES if group % quant_block(name) == 0]
+    raise GGUFExportError(
+        f"--outtype {outtype} stores rows in blocks of {block}, but attention is cut in whole GQA groups of {group} "
+        f"columns, so a pruned attn_output would be stored in a wider type than in the dense export (--round_to sets "
+        f"MLP widths only): choose --outtype {' / '.join(fits)}, or swap --save_gguf for --save_model and then run "
+        "`llama-pruning export-gguf --allow_fallback` on the run")
 
 
 def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
