@@ -382,6 +382,20 @@ def test_no_device_means_the_default_one_and_odd_values_are_one_line():
             check_device(odd)
 
 
+def test_a_mistyped_flag_is_answered_with_the_nearest_one_of_its_command(capsys):
+    """The one-line usage error names the closest flag of the command used, and none when no flag is close."""
+    assert cli(["global", "--pruning_ration", "0.2"]) == 2
+    assert one_line_error(capsys).endswith(
+        "unrecognized arguments: --pruning_ration 0.2; did you mean --pruning_ratio? (--help lists the options)")
+    assert cli(["layer", "--save-model", "--xyz"]) == 2
+    assert "did you mean --save_model?" in one_line_error(capsys)
+    assert cli(["eval", "folder", "--pruning_ratio", "0.2"]) == 2  # a flag of another command is not suggested
+    assert "did you mean" not in one_line_error(capsys)
+    with pytest.raises(SystemExit, match="2"):  # python global_pruning.py: the command's own parser
+        main(["--pruning_ration", "0.2"], command="global")
+    assert "did you mean --pruning_ratio?" in one_line_error(capsys)
+
+
 # 6. + 7. validation before weights or data, and the right words -------------------------------------------------
 @pytest.fixture
 def no_weights(monkeypatch):
