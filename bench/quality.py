@@ -28,6 +28,7 @@ import torch
 from llama_pruning.importance import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results.jsonl"  # the rows docs/RESULTS.md renders
 RATIOS = {"P20": 0.158, "P30": 0.2369}
 POINTS = {**RATIOS, "P50": 0.3948}  # P50 (50 % of decoder-layer parameters): the reconstructed rows only
 
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_speed", dest="speed", action="store_false", help="skip the prefill/decode timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--results", type=Path, default=None, help="results file (default bench/results.jsonl)")
-    parser.add_argument("--report_only", action="store_true", help="only re-render docs/RESULTS.md from the results file")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only re-render docs/RESULTS.md from the results file (the default one only)")
     args = parser.parse_args(argv)
     os.environ.setdefault("LLAMA_PRUNING_DATA", str(ROOT.parent / "shared" / "data"))
     if args.quick:
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in configurations() if r[0] in ("P20 global taylor lsq", "P20 layer 2:8 inverse")]
     else:
         args.num_samples, args.seq_len, args.eval_windows = 64, 128, 128
-        results = args.results or ROOT / "bench" / "results.jsonl"
+        results = args.results or RESULTS
         rows = configurations()
     runs = results.parent / (results.stem + "_runs")
     done = {} if args.rerun else load_rows(results)
@@ -210,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['wall_seconds']:.0f} s  peak RSS {row['peak RSS MiB']:.0f} MiB", flush=True)
     if args.quick:
         shutil.rmtree(runs, ignore_errors=True)
+    elif results.resolve() != RESULTS.resolve():  # a scratch file's rows must not replace the committed table
+        print(f"docs/RESULTS.md left as is: it renders {RESULTS.relative_to(ROOT)}, not {results}")
     else:
         from bench.report import write_report
 

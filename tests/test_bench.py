@@ -50,6 +50,21 @@ def test_report_renders_rows_references_and_plot(tmp_path):
     assert (tmp_path / "results_p20.png").stat().st_size > 10_000
 
 
+def test_a_scratch_results_file_leaves_the_committed_report_alone(tmp_path, monkeypatch, capsys):
+    """Only bench/results.jsonl renders docs/RESULTS.md: rows run into another file do not replace the table."""
+    import bench.report
+    from bench import quality
+
+    rendered = []
+    monkeypatch.setattr(bench.report, "write_report", lambda rows, folder, machine: rendered.append(folder))
+    scratch = tmp_path / "scratch.jsonl"
+    scratch.write_text(json.dumps({"name": "dense", "args": ""}) + "\n")
+    assert quality.main(["--report_only", "--results", str(scratch)]) == 0
+    assert rendered == [] and "docs/RESULTS.md left as is" in capsys.readouterr().out
+    assert quality.main(["--report_only"]) == 0
+    assert rendered == [ROOT / "docs"]
+
+
 def test_report_leaves_out_rows_recorded_with_other_args():
     from bench.quality import current_rows
 

@@ -66,7 +66,8 @@ def ratio(text: str) -> float:
     """argparse type for a pruning ratio in [0, 1)."""
     value = float(text)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+        percent = f" (a fraction: {value:g} % is {value / 100:g})" if 1 < value < 100 else ""
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}{percent}")
     return value
 
 
