@@ -2,10 +2,11 @@
 
 import argparse
 import difflib
+from collections.abc import Sequence
 
 
 def _option_strings(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> list[str]:
-    """The flags of `parser` and of the sub-command `namespace` chose, if any."""
+    """The flags of `parser` and of the sub-command `namespace` chose, if any (argparse's own fields, since 3.2)."""
     options = list(parser._option_string_actions)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -19,7 +20,8 @@ class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one line on stderr (exit 2), like every other user error; a mistyped
     flag is answered with the nearest one the command has."""
 
-    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             options = _option_strings(self, namespace)
