@@ -41,6 +41,8 @@ GGUF_TYPES = {name: Q[name.upper()] for name in GGUF_WRITER_TYPES}
 # LLAMA_CPP_TYPES: llama.cpp's own mixtures (k-quants, 256-element blocks), produced by its quantizer via llama-cpp-python
 K_BLOCK = 256
 STANDIN_FF = 32  # width of the all-zero MLP stand-in: one 32-element quant block, so every type holds it exactly
+# the way around a refusal before the run: write the model, then export it with the fallbacks allowed
+EXPORT_LATER = "swap --save_gguf for --save_model and then run `llama-pruning export-gguf --allow_fallback` on the run"
 _SUB8 = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 
 
@@ -215,8 +217,7 @@ def check_group_fallbacks(geometry: dict, outtype: str) -> None:
     raise GGUFExportError(
         f"--outtype {outtype} stores rows in blocks of {block}, but attention is cut in whole GQA groups of {group} "
         f"columns, so a pruned attn_output would be stored in a wider type than in the dense export (--round_to sets "
-        f"MLP widths only): choose --outtype {' / '.join(fits)}, or swap --save_gguf for --save_model and then run "
-        "`llama-pruning export-gguf --allow_fallback` on the run")
+        f"MLP widths only): choose --outtype {' / '.join(fits)}, or {EXPORT_LATER}")
 
 
 def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
@@ -232,8 +233,7 @@ def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
                                ("ffn_down", len(plan.mlp_channels[old])))
            if width % block and rows[role] % block == 0]
     if bad:
-        raise _fallback_error(bad, block, f"{source} fixes them, so choose another --outtype, or swap --save_gguf for "
-                                          "--save_model and then run `llama-pruning export-gguf --allow_fallback` on the run")
+        raise _fallback_error(bad, block, f"{source} fixes them, so choose another --outtype, or {EXPORT_LATER}")
 
 
 def _metadata(writer: gguf.GGUFWriter, model: nn.Module, layers: list[_Layer], head_dim: int, uniform: bool) -> None:
