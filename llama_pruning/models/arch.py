@@ -54,10 +54,15 @@ class ModelSpec:
     def num_heads(self) -> int:
         return self.num_kv_heads * self.n_rep
 
+    @property
+    def group_width(self) -> int:
+        """o_proj input columns of one GQA group (its query heads' outputs): the width attention is cut in."""
+        return self.n_rep * self.head_dim
+
     def attn_group_cost(self) -> int:
         """Parameters one GQA group removes: n_rep query heads, one K and one V head, and o_proj columns."""
         rows = (self.n_rep + 2) * self.head_dim
-        cost = rows * self.hidden_size + self.n_rep * self.head_dim * self.hidden_size
+        cost = rows * self.hidden_size + self.group_width * self.hidden_size
         if self.qkv_bias:
             cost += rows
         return cost

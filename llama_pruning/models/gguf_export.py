@@ -200,7 +200,7 @@ def check_fallbacks(tensors: list[tuple[str, np.ndarray, bool]], block: int, den
     if not bad:
         return
     if all(_role(name) == "attn_output" for name in bad):  # --round_to sets MLP widths only
-        raise _fallback_error(bad, block, f"attention is cut in whole GQA groups of {dense.n_rep * dense.head_dim} "
+        raise _fallback_error(bad, block, f"attention is cut in whole GQA groups of {dense.group_width} "
                                           "columns, which --round_to does not change: choose another --outtype, or pass "
                                           "--allow_fallback")
     raise _fallback_error(bad, block, f"prune with --round_to {block}, choose another --outtype, or pass --allow_fallback")
@@ -227,9 +227,8 @@ def check_plan_fallbacks(plan: PruningPlan, outtype: str, source: str) -> None:
         return
     spec = plan.model_spec()
     rows = dense_row_lengths(spec)
-    group = spec.num_heads // spec.num_kv_heads * spec.head_dim
     bad = [f"blk.{new}.{role}.weight" for new, old in enumerate(plan.kept_layers)
-           for role, width in (("attn_output", len(plan.attn_groups[old]) * group),
+           for role, width in (("attn_output", len(plan.attn_groups[old]) * spec.group_width),
                                ("ffn_down", len(plan.mlp_channels[old])))
            if width % block and rows[role] % block == 0]
     if bad:
