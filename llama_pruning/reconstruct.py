@@ -182,7 +182,7 @@ def _bf16(enabled: bool, device: torch.device) -> contextlib.AbstractContextMana
             else contextlib.nullcontext())
 
 
-def _run_attention(attn: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwargs: dict,
+def _run_attention(attn: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, kwargs: dict,
                    autocast: bool = False) -> torch.Tensor:
     """Residual stream after the attention block, as the decoder layer's own forward computes it."""
     with _bf16(autocast, hidden.device):
@@ -190,7 +190,8 @@ def _run_attention(attn: nn.Module, norm: nn.Module, hidden: torch.Tensor, kwarg
     return hidden + out
 
 
-def _run_mlp(mlp: nn.Module, norm: nn.Module, hidden: torch.Tensor, autocast: bool = False) -> torch.Tensor:
+def _run_mlp(mlp: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+             autocast: bool = False) -> torch.Tensor:
     """Residual stream after an MLP block."""
     with _bf16(autocast, hidden.device):
         out = mlp(norm(hidden))
@@ -249,6 +250,13 @@ def input_correction(norm: nn.Module, hidden: list[torch.Tensor], dense_hidden: 
     return _spd_solve(gram, cross)
 
 
+def corrected_norm(norm: nn.Module, correction: torch.Tensor, weight: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """n + weight * n M with n = norm(h): since (W + weight W M^T) n = W (n + weight M^T n), every linear reading it
+    computes what `correct_inputs` would make of it, without a corrected copy of the block."""
+    m = correction.to(norm.weight.dtype) * weight
+    return lambda h: (n := norm(h)) + n @ m
+
+
 @torch.no_grad()
 def correct_inputs(linears: list[nn.Linear], correction: torch.Tensor, weight: float) -> None:
     """W <- W + weight * W M^T for each linear (`input_correction`'s M); weight 1 is the full re-fit."""
@@ -284,7 +292,7 @@ def _reconstruct_layer(
     `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
     (`input_correction`); the dense stream keeps the original weights. `autocast`: the layer forwards in bfloat16
     autocast (the statistics still accumulate in float32). `dense`: an uncut copy of the layer the caller holds anyway,
-    read (never changed) instead of copying its attention or MLP again. `keep`: per batch, 0/1 for the tokens the
+    read (never changed) instead of copying its MLP again. `keep`: per batch, 0/1 for the tokens the
     statistics count (None: all).
     """
     spec = plan.model_spec()
@@ -294,25 +302,25 @@ def _reconstruct_layer(
     width = spec.hidden_size if dense_hidden is not None else None
     stats_dtype = torch.promote_types(hidden[0].dtype, torch.float32)  # float64 accumulation costs twice the time
 
+    # the input re-fit (`input_weight`) runs as a corrected norm in the fit passes, the weights corrected only after them
     correct = input_weight > 0 and dense_hidden is not None
-    attn = layer.self_attn
-    dense_attn = attn
+    attn, attn_norm = layer.self_attn, layer.input_layernorm
+    m = None
     if correct and plan.attn_groups[index]:
-        dense_attn = dense.self_attn if dense is not None else copy.deepcopy(attn)
-        m = input_correction(layer.input_layernorm, hidden, dense_hidden, ridge, solve_dtype, keep)
-        correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
-        del m
+        m = input_correction(attn_norm, hidden, dense_hidden, ridge, solve_dtype, keep)
 
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
     o_stats = InputStats(spec.num_heads * spec.head_dim, stats_dtype, device, width) if attn_cut else None
     dense_o = attn.o_proj.weight if attn_cut else None
-    _fit_pass(lambda x, b: _run_attention(attn, layer.input_layernorm, x, kwargs[b], autocast), attn.o_proj, o_stats,
-              hidden, dense_hidden, step,
-              lambda x, b: _run_attention(dense_attn, layer.input_layernorm, x, kwargs[b], autocast), keep)
+    fit_norm = attn_norm if m is None else corrected_norm(attn_norm, m, input_weight)
+    _fit_pass(lambda x, b: _run_attention(attn, fit_norm, x, kwargs[b], autocast), attn.o_proj, o_stats,
+              hidden, dense_hidden, step, lambda x, b: _run_attention(attn, attn_norm, x, kwargs[b], autocast), keep)
+    if m is not None:
+        correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     correct_mlp = correct and bool(plan.mlp_channels[index])
     dense_mlp = layer.mlp
-    if mlp_cut or correct_mlp:
+    if mlp_cut:
         dense_mlp = dense.mlp if dense is not None else copy.deepcopy(layer.mlp)
     dense_norm = layer.post_attention_layernorm
     prune_layer(layer, plan, index)
@@ -323,18 +331,15 @@ def _reconstruct_layer(
         hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b], autocast)
 
     # the uncut MLP's down_proj input, on the residual stream after the *pruned* attention
-    fit_mlp = dense_mlp
-    if correct_mlp:
-        m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype, keep)
-        fit_mlp = copy.deepcopy(dense_mlp) if mlp_cut else layer.mlp
-        targets = [fit_mlp] if fit_mlp is layer.mlp else [fit_mlp, layer.mlp]
-        correct_inputs([lin for mlp in targets for lin in (mlp.gate_proj, mlp.up_proj)], m, input_weight)
-        del m
+    m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype, keep) if correct_mlp else None
+    fit_norm = dense_norm if m is None else corrected_norm(dense_norm, m, input_weight)
     m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
     # with the attention whole and untouched, the fit pass's uncut MLP output is the dense layer's: kept for the caller
     dense_out = not advance and mlp_cut and not correct and len(plan.attn_groups[index]) == spec.num_kv_heads
-    _fit_pass(lambda x, b: _run_mlp(fit_mlp, dense_norm, x, autocast), fit_mlp.down_proj, m_stats, hidden,
+    _fit_pass(lambda x, b: _run_mlp(dense_mlp, fit_norm, x, autocast), dense_mlp.down_proj, m_stats, hidden,
               dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep, dense_out)
+    if m is not None:
+        correct_inputs([layer.mlp.gate_proj, layer.mlp.up_proj], m, input_weight)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,

@@ -21,6 +21,7 @@ from llama_pruning.reconstruct import (
     ReconstructionError,
     compensate,
     correct_inputs,
+    corrected_norm,
     input_correction,
     prune_with_reconstruction,
     refine_layer,
@@ -226,6 +227,18 @@ def test_input_correction_is_the_ridge_least_squares_refit(width):
     lam = ridge * (P.T @ P).diagonal().mean() / P.shape[0]
     expected = torch.linalg.solve(P.T @ P + lam * torch.eye(width, dtype=F64), P.T @ D @ w.T + lam * w.T).T
     torch.testing.assert_close(linear.weight, expected, rtol=0, atol=1e-12)
+
+
+def test_corrected_norm_feeds_a_linear_what_its_corrected_weights_compute():
+    """The fit passes run the uncut block on `corrected_norm` instead of a copy re-fitted by `correct_inputs`."""
+    gen = torch.Generator().manual_seed(0)
+    norm = nn.RMSNorm(6, dtype=F64)
+    norm.weight.data.uniform_(0.5, 1.5, generator=gen)
+    m, h = torch.randn(6, 6, dtype=F64, generator=gen), torch.randn(3, 5, 6, dtype=F64, generator=gen)
+    linear = nn.Linear(6, 4, dtype=F64)
+    refit = copy.deepcopy(linear)
+    correct_inputs([refit], m, 0.4)
+    torch.testing.assert_close(linear(corrected_norm(norm, m, 0.4)(h)), refit(norm(h)), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("plain, refined", [({"drift_weight": 0.0}, {"drift_weight": 1.0}),
