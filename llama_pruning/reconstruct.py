@@ -289,11 +289,11 @@ def _reconstruct_layer(
 
     With `dense_hidden` (the dense model's residual stream per batch, advanced in place as well), each block
     is also fitted to cancel `drift_weight` of the gap between the dense and the pruned stream, and with
-    `input_weight` > 0 its q/k/v (gate/up) rows are first re-fitted toward their dense-stream inputs
-    (`input_correction`); the dense stream keeps the original weights. `autocast`: the layer forwards in bfloat16
-    autocast (the statistics still accumulate in float32). `dense`: an uncut copy of the layer the caller holds anyway,
-    read (never changed) instead of copying its MLP again. `keep`: per batch, 0/1 for the tokens the
-    statistics count (None: all).
+    `input_weight` > 0 its q/k/v (gate/up) rows are re-fitted toward their dense-stream inputs (`input_correction`),
+    which the statistics pass already sees; the dense stream keeps the original weights. `autocast`: the layer
+    forwards in bfloat16 autocast (the statistics still accumulate in float32). `dense`: an uncut copy of the layer
+    the caller holds anyway, read (never changed) instead of copying its MLP again. `keep`: per batch, 0/1 for the
+    tokens the statistics count (None: all).
     """
     spec = plan.model_spec()
     attn_cut = 0 < len(plan.attn_groups[index]) < spec.num_kv_heads
@@ -317,6 +317,7 @@ def _reconstruct_layer(
               hidden, dense_hidden, step, lambda x, b: _run_attention(attn, attn_norm, x, kwargs[b], autocast), keep)
     if m is not None:
         correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
+    m = fit_norm = None  # the solves below peak: no hidden x hidden matrix left alive
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
     correct_mlp = correct and bool(plan.mlp_channels[index])
     dense_mlp = layer.mlp
@@ -340,6 +341,7 @@ def _reconstruct_layer(
               dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep, dense_out)
     if m is not None:
         correct_inputs([layer.mlp.gate_proj, layer.mlp.up_proj], m, input_weight)
+    m = fit_norm = None
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,

@@ -229,16 +229,18 @@ def test_input_correction_is_the_ridge_least_squares_refit(width):
     torch.testing.assert_close(linear.weight, expected, rtol=0, atol=1e-12)
 
 
-def test_corrected_norm_feeds_a_linear_what_its_corrected_weights_compute():
-    """The fit passes run the uncut block on `corrected_norm` instead of a copy re-fitted by `correct_inputs`."""
+@pytest.mark.parametrize("dtype, atol", [(F64, 1e-12), (torch.float32, 1e-5)])
+def test_corrected_norm_feeds_a_linear_what_its_corrected_weights_compute(dtype, atol):
+    """The fit passes run the uncut block on `corrected_norm` instead of a copy re-fitted by `correct_inputs`; M comes
+    from the solve in float64 whatever the model's dtype."""
     gen = torch.Generator().manual_seed(0)
-    norm = nn.RMSNorm(6, dtype=F64)
+    norm = nn.RMSNorm(6, dtype=dtype)
     norm.weight.data.uniform_(0.5, 1.5, generator=gen)
-    m, h = torch.randn(6, 6, dtype=F64, generator=gen), torch.randn(3, 5, 6, dtype=F64, generator=gen)
-    linear = nn.Linear(6, 4, dtype=F64)
+    m, h = torch.randn(6, 6, dtype=F64, generator=gen), torch.randn(3, 5, 6, generator=gen).to(dtype)
+    linear = nn.Linear(6, 4, dtype=dtype)
     refit = copy.deepcopy(linear)
     correct_inputs([refit], m, 0.4)
-    torch.testing.assert_close(linear(corrected_norm(norm, m, 0.4)(h)), refit(norm(h)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(linear(corrected_norm(norm, m, 0.4)(h)), refit(norm(h)), rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("plain, refined", [({"drift_weight": 0.0}, {"drift_weight": 1.0}),
