@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from accelerate.utils import recursively_apply, send_to_device
@@ -257,6 +257,20 @@ def corrected_norm(norm: nn.Module, correction: torch.Tensor, weight: float) -> 
     return lambda h: (n := norm(h)) + n @ m
 
 
+@contextlib.contextmanager
+def _refitting_inputs(norm: nn.Module, linears: list[nn.Linear], weight: float, hidden: list[torch.Tensor],
+                      dense_hidden: list[torch.Tensor] | None, ridge: float, solve_dtype: torch.dtype,
+                      keep: list[torch.Tensor] | None) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """The norm a fit pass reads: what `linears` (reading `norm`) compute once re-fitted toward their dense-stream
+    inputs, which they are on exit (`input_correction`, `corrected_norm`); `norm` itself when there are none."""
+    if not linears:
+        yield norm
+        return
+    m = input_correction(norm, hidden, dense_hidden, ridge, solve_dtype, keep)
+    yield corrected_norm(norm, m, weight)
+    correct_inputs(linears, m, weight)
+
+
 @torch.no_grad()
 def correct_inputs(linears: list[nn.Linear], correction: torch.Tensor, weight: float) -> None:
     """W <- W + weight * W M^T for each linear (`input_correction`'s M); weight 1 is the full re-fit."""
@@ -302,24 +316,20 @@ def _reconstruct_layer(
     width = spec.hidden_size if dense_hidden is not None else None
     stats_dtype = torch.promote_types(hidden[0].dtype, torch.float32)  # float64 accumulation costs twice the time
 
-    # the input re-fit (`input_weight`) runs as a corrected norm in the fit passes, the weights corrected only after them
+    # the input re-fit (`input_weight`): the fit passes read a corrected norm, the weights are re-fitted after them
     correct = input_weight > 0 and dense_hidden is not None
+    refit = functools.partial(_refitting_inputs, weight=input_weight, hidden=hidden, dense_hidden=dense_hidden,
+                              ridge=ridge, solve_dtype=solve_dtype, keep=keep)
     attn, attn_norm = layer.self_attn, layer.input_layernorm
-    m = None
-    if correct and plan.attn_groups[index]:
-        m = input_correction(attn_norm, hidden, dense_hidden, ridge, solve_dtype, keep)
 
     # statistics of o_proj's dense input on the current (already pruned upstream) hidden states
     o_stats = InputStats(spec.num_heads * spec.head_dim, stats_dtype, device, width) if attn_cut else None
     dense_o = attn.o_proj.weight if attn_cut else None
-    fit_norm = attn_norm if m is None else corrected_norm(attn_norm, m, input_weight)
-    _fit_pass(lambda x, b: _run_attention(attn, fit_norm, x, kwargs[b], autocast), attn.o_proj, o_stats,
-              hidden, dense_hidden, step, lambda x, b: _run_attention(attn, attn_norm, x, kwargs[b], autocast), keep)
-    if m is not None:
-        correct_inputs([attn.q_proj, attn.k_proj, attn.v_proj], m, input_weight)
-    m = fit_norm = None  # the solves below peak: no hidden x hidden matrix left alive
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj] if correct and plan.attn_groups[index] else []
+    with refit(attn_norm, qkv) as fit_norm:
+        _fit_pass(lambda x, b: _run_attention(attn, fit_norm, x, kwargs[b], autocast), attn.o_proj, o_stats, hidden,
+                  dense_hidden, step, lambda x, b: _run_attention(attn, attn_norm, x, kwargs[b], autocast), keep)
     # prune_layer slices a partly cut MLP in place (hence the copy) and swaps out an emptied one with its norm
-    correct_mlp = correct and bool(plan.mlp_channels[index])
     dense_mlp = layer.mlp
     if mlp_cut:
         dense_mlp = dense.mlp if dense is not None else copy.deepcopy(layer.mlp)
@@ -332,16 +342,13 @@ def _reconstruct_layer(
         hidden[b] = _run_attention(layer.self_attn, layer.input_layernorm, x, kwargs[b], autocast)
 
     # the uncut MLP's down_proj input, on the residual stream after the *pruned* attention
-    m = input_correction(dense_norm, hidden, dense_hidden, ridge, solve_dtype, keep) if correct_mlp else None
-    fit_norm = dense_norm if m is None else corrected_norm(dense_norm, m, input_weight)
     m_stats = InputStats(spec.intermediate_size, stats_dtype, device, width) if mlp_cut else None
     # with the attention whole and untouched, the fit pass's uncut MLP output is the dense layer's: kept for the caller
     dense_out = not advance and mlp_cut and not correct and len(plan.attn_groups[index]) == spec.num_kv_heads
-    _fit_pass(lambda x, b: _run_mlp(dense_mlp, fit_norm, x, autocast), dense_mlp.down_proj, m_stats, hidden,
-              dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep, dense_out)
-    if m is not None:
-        correct_inputs([layer.mlp.gate_proj, layer.mlp.up_proj], m, input_weight)
-    m = fit_norm = None
+    gate_up = [layer.mlp.gate_proj, layer.mlp.up_proj] if correct and plan.mlp_channels[index] else []
+    with refit(dense_norm, gate_up) as fit_norm:
+        _fit_pass(lambda x, b: _run_mlp(dense_mlp, fit_norm, x, autocast), dense_mlp.down_proj, m_stats, hidden,
+                  dense_hidden, step, lambda x, b: _run_mlp(dense_mlp, dense_norm, x, autocast), keep, dense_out)
     if mlp_cut:
         kept = torch.tensor(sorted(plan.mlp_channels[index]), dtype=torch.long, device=device)
         compensate(layer.mlp.down_proj, dense_mlp.down_proj.weight, kept, m_stats, mode, ridge, drift_weight,
