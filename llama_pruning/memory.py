@@ -100,8 +100,8 @@ def phase_peaks(config, work: Workload) -> dict[str, int]:
             refine = work.span * (_layer_params(config) * (s + 4 * GRAD_BYTES) + 2 * acts)  # weights, grads, 2 moments
             # an upper bound: counted with the default drift and whether or not the plan cuts the last layer
             if resolve_last_loss(work.last_loss, work.reconstruct, DEFAULT_DRIFT) == "kl":
-                # the saved logit gradient, one chunk's softmax work (at most 16 bytes per logit), a bfloat16 copy
-                # of a wider head
+                # the saved logit gradient (of the whole micro-batch: an upper bound under --reconstruct_kl_tokens),
+                # one chunk's softmax work (at most 16 bytes per logit), a bfloat16 copy of a wider head
                 refine += batch_tokens * v * s + KL_ROWS * v * 4 * 4 + (v * h * 2 if s > 2 else 0)
             fit = stream + max(fit - 3 * i * h * s + work.span * _layer_params(config) * s, refine)
         peaks["reconstruction"] = weights + 2 * stream + fit

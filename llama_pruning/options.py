@@ -30,6 +30,9 @@ DEFAULT_BLOCK_SPAN = 1  # block: consecutive cut layers refined jointly toward t
 # block: the last layer's loss, toward a hidden state (mse) or the dense model's next-token distribution (kl)
 LAST_LOSSES = ("auto", "mse", "kl")
 DEFAULT_LAST_LOSS = "auto"  # kl where it applies (block with a dense stream); chosen on dev (docs/RESULTS_NOTES.md)
+# block's kl: each of the last layer's steps reads the head on this fraction of its kept tokens (a fresh draw per step),
+# and the layer takes 1 / fraction as many steps: the head's compute stays, the layer's steps double (dev: RESULTS_NOTES)
+DEFAULT_KL_TOKENS = 0.5
 KL_ROWS = 64  # block's kl: tokens per vocabulary-wide chunk (bounds its float32 temporaries; 128 runs no faster)
 DEFAULT_SAMPLES = 256  # calibration windows of the solve: forward passes only, and more of them let it fit more
 DEFAULT_BLOCK_SAMPLES = 384  # block's windows: the most whose projection keeps Llama-3-8B bf16 under 22 GB

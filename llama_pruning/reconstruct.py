@@ -34,6 +34,7 @@ from llama_pruning.options import (  # noqa: F401 (re-exported)
     DEFAULT_BLOCK_LR,
     DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
+    DEFAULT_KL_TOKENS,
     DEFAULT_LAST_LOSS,
     DEFAULT_RIDGE,
     DEFAULT_SAMPLES,
@@ -418,12 +419,15 @@ class NextTokenKL:
     per kept token, both read through the model's final norm and output head, which stay frozen.
 
     `targets` turns the dense stream's final hidden states into what `__call__` compares the layer's output with (the
-    normed states in the head's compute dtype: bfloat16 under `autocast`, else the head's own).
+    normed states in the head's compute dtype: bfloat16 under `autocast`, else the head's own). `tokens` < 1: each call
+    reads the head on that fraction of the kept tokens, a fresh random subset from a generator seeded once (reruns repeat it).
     """
 
-    def __init__(self, norm: nn.Module, head: torch.Tensor, autocast: bool = False):
+    def __init__(self, norm: nn.Module, head: torch.Tensor, autocast: bool = False, tokens: float = 1.0):
         self.norm = norm
         self.weight = head.detach().to(torch.bfloat16 if autocast else head.dtype)
+        self.tokens = tokens
+        self._draws = torch.Generator().manual_seed(0)
 
     def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm of `hidden` on the head's device (a device map may hold the norm, head and layer apart), its
@@ -443,6 +447,10 @@ class NextTokenKL:
         else:
             mask = keep.to(self.weight.device).bool()
             student, target = student[mask], target[mask]
+        if self.tokens < 1:
+            count = max(1, round(self.tokens * student.shape[0]))
+            rows = torch.randperm(student.shape[0], generator=self._draws)[:count].sort().values.to(student.device)
+            student, target = student[rows], target[rows]
         return _SummedKL.apply(student, target, self.weight) / max(1, student.shape[0])
 
 
@@ -538,7 +546,8 @@ def _block_targets(dense_layer: nn.Module, inputs: list[torch.Tensor], kwargs: l
 
 def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int, drift_weight: float,
                 input_weight: float, block_epochs: float, block_lr: float, ignore: torch.Tensor | None = None,
-                block_span: int = DEFAULT_BLOCK_SPAN, last_loss: str = DEFAULT_LAST_LOSS) -> None:
+                block_span: int = DEFAULT_BLOCK_SPAN, last_loss: str = DEFAULT_LAST_LOSS,
+                kl_tokens: float = DEFAULT_KL_TOKENS) -> None:
     """One-line errors for arguments the layer loop would otherwise trip over deep inside."""
     if mode not in MODES:
         raise ReconstructionError(f"unknown reconstruction mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -569,6 +578,8 @@ def _check_args(samples: torch.Tensor, mode: str, ridge: float, batch_size: int,
     if last_loss == "kl" and resolve_last_loss("auto", mode, drift_weight) != "kl":
         raise ReconstructionError("last_loss 'kl' compares the last layer with the dense model's stream: it needs mode "
                                   f"'block' and drift_weight > 0, got {mode!r} and {drift_weight}")
+    if not 0 < kl_tokens <= 1:
+        raise ReconstructionError(f"kl_tokens must be in (0, 1], got {kl_tokens}")
 
 
 def prune_with_reconstruction(
@@ -589,6 +600,7 @@ def prune_with_reconstruction(
     ignore: torch.Tensor | None = None,
     block_span: int = DEFAULT_BLOCK_SPAN,
     last_loss: str = DEFAULT_LAST_LOSS,
+    kl_tokens: float = DEFAULT_KL_TOKENS,
 ) -> nn.Module:
     """Cut `model` (dense, in place) to `plan`, compensating each block on calibration `samples`; return it.
 
@@ -612,10 +624,11 @@ def prune_with_reconstruction(
     (the same steps, each through all of them) toward the dense output of the run's last layer.
     `last_loss="kl"`: the steps of the model's last layer (when cut) minimise `NextTokenKL` toward the dense model's
     next-token distribution instead of the squared error toward a hidden state (it needs block and a dense stream);
-    `auto` (the default) takes it where it applies, `mse` never.
+    `auto` (the default) takes it where it applies, `mse` never. Its steps read the head on `kl_tokens` of the tokens
+    each and are 1 / `kl_tokens` times as many (`NextTokenKL`): the head's compute stays, the layer gets more steps.
     """
     _check_args(samples, mode, ridge, batch_size, drift_weight, input_weight, block_epochs, block_lr, ignore, block_span,
-                last_loss)
+                last_loss, kl_tokens)
     last_loss = resolve_last_loss(last_loss, mode, drift_weight)
     if mode == "none":
         return apply_plan(model, plan)
@@ -638,12 +651,16 @@ def prune_with_reconstruction(
             dense_hidden = [x.clone() for x in hidden] if drift_weight else None
             layers = decoder_layers(model)
             refined = _refined_layers(plan) if mode == "block" else []
+            units = _spans(len(layers), refined, block_span)
             steps = max(1, round(block_epochs * len(hidden)))
+            kl_epochs = block_epochs / kl_tokens  # the last unit's, when refined under kl
+            kl_layers = len(units[-1]) if last_loss == "kl" and units[-1][0] in refined else 0
             # one tick per batch and block (attention, MLP) of every layer and per refinement step and layer it moves, the
             # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on
-            with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined), desc=f"reconstruct ({mode})",
+            kl_extra = (max(1, round(kl_epochs * len(hidden))) - steps) * kl_layers
+            with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined) + kl_extra, desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
-                for span in _spans(len(layers), refined, block_span):
+                for span in units:
                     refine = span[0] in refined
                     inputs, dense_layers, devices, span_kwargs = None, [], [], []
                     with contextlib.ExitStack() as loaded:  # offloaded: loaded, cut, stored
@@ -670,19 +687,19 @@ def prune_with_reconstruction(
                             unit = LayerSpan([layers[i] for i in span], devices)
                             dense_unit = LayerSpan(dense_layers, devices)
                             unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
-                            loss_fn = masked_mse
+                            loss_fn, epochs = masked_mse, block_epochs
                             if last_loss == "kl" and span[-1] == len(layers) - 1:
                                 norm, head = final_norm(model), model.get_output_embeddings()
                                 loaded.enter_context(placement.on_device(norm, devices[-1]))
                                 loaded.enter_context(placement.on_device(head, devices[-1]))
-                                loss_fn = NextTokenKL(norm, head.weight, autocast)
+                                loss_fn, epochs = NextTokenKL(norm, head.weight, autocast, kl_tokens), kl_epochs
                                 targets = loss_fn.targets(dense_hidden)
                             else:
                                 targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight,
                                                          autocast, outputs)
                             del outputs, dense_unit, dense_layers
                             placement.release_host_memory()
-                            refine_layer(unit, inputs, targets, unit_kwargs, block_epochs, block_lr,
+                            refine_layer(unit, inputs, targets, unit_kwargs, epochs, block_lr,
                                          functools.partial(bar.update, len(span)), autocast, keep, loss_fn)
                             del targets, loss_fn  # with autocast, kl's loss holds a bfloat16 copy of the head
                             hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)

@@ -151,6 +151,10 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["layer_pruning.py", "--reconstruct_last_loss", "kl"], "needs --reconstruct block and --reconstruct_drift > 0"),
     (["global_pruning.py", "--reconstruct_last_loss", "kl", "--reconstruct_drift", "0"], "--reconstruct_drift > 0"),
     (["global_pruning.py", "--reconstruct_last_loss", "ce"], "invalid choice"),
+    (["global_pruning.py", "--reconstruct_kl_tokens", "0"], "must be in (0, 1]"),
+    (["global_pruning.py", "--reconstruct_kl_tokens", "1", "--reconstruct_last_loss", "mse"],
+     "--reconstruct_kl_tokens 1 shapes the last layer's kl steps only"),
+    (["layer_pruning.py", "--reconstruct_kl_tokens", "0.25"], "--reconstruct_kl_tokens 0.25 shapes"),
 ])
 def test_bad_input_gives_one_line(tmp_path, argv, message):
     proc = run_cli(*argv, "--output_root", str(tmp_path))
@@ -166,7 +170,8 @@ def test_help_lists_every_flag():
                    "--eval_max_windows", "--layer_start", "--layer_end", "--reconstruct", "--reconstruct_ridge",
                    "--reconstruct_drift", "--reconstruct_samples", "--reconstruct_inputs",
                    "--reconstruct_epochs", "--reconstruct_lr", "--finetune", "--distill", "--cut_penalty",
-                   "--reconstruct_ignore", "--importance_ignore", "--reconstruct_span", "--reconstruct_last_loss"],
+                   "--reconstruct_ignore", "--importance_ignore", "--reconstruct_span", "--reconstruct_last_loss",
+                   "--reconstruct_kl_tokens"],
         "layer": ["--pruning_distribution", "--pruning_strategy", "--freeze_top_n_layers", "--layer_importance_method",
                   "--remove_layers"],
     }.items():
@@ -208,6 +213,8 @@ def test_importance_and_reconstruction_defaults_per_command():
                        parse("global", "--reconstruct_last_loss", "mse"), parse("layer", "--reconstruct", "block",
                                                                                 "--reconstruct_last_loss", "kl"))
             ] == ["kl", "mse", "mse", "mse", "mse", "kl"]
+    # its steps: the head on half the tokens, twice the steps (chosen on dev)
+    assert (default.reconstruct_kl_tokens, parse("global", "--reconstruct_kl_tokens", "1").reconstruct_kl_tokens) == (0.5, 1)
 
 
 def test_importance_table_hands_the_obs_fisher_on(monkeypatch):

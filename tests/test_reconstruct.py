@@ -14,6 +14,7 @@ from llama_pruning import placement, reconstruct
 from llama_pruning.gram import MIN_WIDTH
 from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
+from llama_pruning.options import DEFAULT_KL_TOKENS
 from llama_pruning.plan import PruningPlan
 from llama_pruning.reconstruct import (
     InputStats,
@@ -561,6 +562,8 @@ def test_bfloat16_model_keeps_dtype_and_stays_finite(mode):
         ({"mode": "block", "last_loss": "ce"}, "unknown last_loss 'ce'"),
         ({"mode": "lsq", "last_loss": "kl"}, "needs mode 'block' and drift_weight > 0"),
         ({"mode": "block", "last_loss": "kl", "drift_weight": 0.0}, "needs mode 'block' and drift_weight > 0"),
+        ({"mode": "block", "kl_tokens": 0.0}, "kl_tokens must be in"),
+        ({"mode": "block", "kl_tokens": 1.5}, "kl_tokens must be in"),
         ({"ignore": torch.zeros(2, 8)}, "ignore must be a bool mask"),
         ({"ignore": torch.zeros(2, 7, dtype=torch.bool)}, "ignore must be a bool mask"),
         ({"ignore": torch.ones(2, 8, dtype=torch.bool)}, "leaves out every calibration token"),
@@ -675,14 +678,15 @@ def test_progress_counts_every_batch_of_every_block(capsys):
 
 @pytest.mark.parametrize("span", [1, 2])
 def test_block_progress_adds_every_refinement_step(capsys, span):
-    """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted; a step
-    through a span of layers counts once per layer, so the total does not depend on the span."""
+    """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted, the
+    last layer's kl steps 1 / kl_tokens times as many; a step through a span of layers counts once per layer, so the
+    total does not depend on the span."""
     dense = tiny_model()
     plan = random_plan(dense, seed=2)  # layer 2 emptied
     prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5, block_span=span)
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    layers, batches, refined = 4, 3, 3
-    total = 2 * layers * batches + round(1.5 * batches) * refined
+    layers, batches, refined = 4, 3, 3  # the last unit is layer 3 alone with either span
+    total = 2 * layers * batches + round(1.5 * batches) * (refined - 1) + round(1.5 / DEFAULT_KL_TOKENS * batches)
     assert f" {total}/{total} " in bar
 
 
@@ -739,6 +743,48 @@ def test_next_token_kl_is_zero_on_the_dense_stream_and_ignores_left_out_tokens()
     moved[0, 0] += 1.0
     single = NextTokenKL(dense.model.norm, dense.lm_head.weight)(moved[:1, :1], target[:1, :1])
     torch.testing.assert_close(loss(moved, target, keep), single / 8)
+
+
+def test_next_token_kl_on_a_fraction_of_the_tokens_is_the_kl_of_a_fresh_seeded_subset_per_call():
+    """With `tokens` < 1 each call is exactly the per-token KL of that fraction of the kept tokens, drawn anew per call
+    from a generator seeded once, so two losses built alike repeat each other's draws."""
+    dense = tiny_model(dtype=F64)
+    hidden = torch.randn(2, 5, dense.config.hidden_size, generator=torch.Generator().manual_seed(0), dtype=F64)
+    full = NextTokenKL(dense.model.norm, dense.lm_head.weight)
+    (target,) = full.targets([hidden])
+    moved = hidden + torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    keep = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 1]], dtype=F64)
+    half, again = (NextTokenKL(dense.model.norm, dense.lm_head.weight, tokens=0.5) for _ in range(2))
+    draws = torch.Generator().manual_seed(0)
+    kept_student, kept_target = moved[keep.bool()], target[keep.bool()]
+    losses = []
+    for _ in range(3):
+        rows = torch.randperm(8, generator=draws)[:4].sort().values
+        expected = full(kept_student[rows], kept_target[rows])
+        loss = half(moved, target, keep)
+        assert loss.item() == expected.item() and again(moved, target, keep).item() == loss.item()
+        losses.append(loss.item())
+    assert len(set(losses)) == 3  # a fresh subset per call
+
+
+def test_kl_tokens_give_the_last_layer_proportionally_more_steps(monkeypatch):
+    """kl_tokens F: the last layer's kl steps are 1/F times the other layers' (the head's compute per layer stays), on a
+    `NextTokenKL` reading F of the tokens; 1 is the plain kl; the progress bar's total counts exactly the steps taken."""
+    dense = tiny_model(layers=3)
+    plan = _partial_plan(dense, seed=3)
+    calls, bars, refine, bar = [], [], reconstruct.refine_layer, reconstruct.tqdm
+
+    def spy(*args, **kwargs):
+        calls.append((args[4], getattr(args[-1], "tokens", None)))
+        return refine(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "refine_layer", spy)
+    monkeypatch.setattr(reconstruct, "tqdm", lambda **kwargs: bars.append(bar(**kwargs)) or bars[-1])
+    for tokens in (0.25, 1.0):
+        prune_with_reconstruction(copy.deepcopy(dense), plan, _ids(8, 16, 0), "block", batch_size=2, block_epochs=1.5,
+                                  kl_tokens=tokens)
+    assert calls == [(1.5, None), (1.5, None), (6.0, 0.25), (1.5, None), (1.5, None), (1.5, 1.0)]
+    assert [b.n for b in bars] == [b.total for b in bars] and bars[0].total - bars[1].total == 24 - 6  # 4 batches
 
 
 def _next_token_kl(dense: nn.Module, pruned: nn.Module, ids: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from llama_pruning.options import (
     DEFAULT_BLOCK_SAMPLES,
     DEFAULT_BLOCK_SPAN,
     DEFAULT_DRIFT,
+    DEFAULT_KL_TOKENS,
     DEFAULT_LAST_LOSS,
     DEFAULT_MODEL,
     DEFAULT_OBS_FISHER,
@@ -77,6 +78,13 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
+
+
+def positive_fraction(text: str) -> float:
+    """argparse type for a fraction in (0, 1]."""
+    if fraction(text) == 0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return float(text)
 
 
 def non_negative(text: str) -> float:
@@ -224,6 +232,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_name: str, def
                    help="with --reconstruct block: the last layer's loss, the squared error toward its hidden-state target "
                         "(mse) or the KL from the dense model's next-token distribution through the frozen final norm "
                         "and head (kl; needs --reconstruct_drift > 0); auto: kl where it applies")
+    p.add_argument("--reconstruct_kl_tokens", type=positive_fraction, default=DEFAULT_KL_TOKENS, metavar="F",
+                   help="with the last layer's kl: each of its steps reads the head on a random F of the tokens, and it "
+                        "takes 1/F times the steps, so the head's compute stays the same (1: every token, the steps of "
+                        "the other layers)")
     p.add_argument("--reconstruct_samples", type=positive_int, default=None,
                    help=f"calibration windows of the reconstruction (default: the larger of {DEFAULT_SAMPLES}, "
                         f"{DEFAULT_BLOCK_SAMPLES} with --reconstruct block, and --num_samples)")
@@ -330,6 +342,11 @@ def check_inputs(args: argparse.Namespace, check: Check | None = None) -> Prunin
     if args.reconstruct_last_loss == "kl" and not kl_applies:
         raise ValueError("--reconstruct_last_loss kl compares the last layer with the dense model's stream: it needs "
                          "--reconstruct block and --reconstruct_drift > 0")
+    if args.reconstruct_kl_tokens != DEFAULT_KL_TOKENS and (
+            resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift) != "kl"):
+        raise ValueError(f"--reconstruct_kl_tokens {args.reconstruct_kl_tokens:g} shapes the last layer's kl steps only, "
+                         "which need --reconstruct block and --reconstruct_drift > 0 and --reconstruct_last_loss "
+                         "auto / kl: drop it")
     if args.finetune or args.distill:
         RecoveryConfig.from_args(args)  # raises RecoveryError for settings no training can use
     plan = PruningPlan.load(args.plan) if args.plan is not None else None
@@ -593,7 +610,8 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
     if samples is None or count != len(samples):
         samples = get_calibration_samples(tokenizer, args.dataset, count, args.seq_len, args.seed)
     last_loss = resolve_last_loss(args.reconstruct_last_loss, args.reconstruct, args.reconstruct_drift)
-    toward = ", the model's last layer, where cut, toward the dense next-token distribution" if last_loss == "kl" else ""
+    toward = (", the model's last layer, where cut, toward the dense next-token distribution "
+              f"(the head on {args.reconstruct_kl_tokens:g} of the tokens per step)") if last_loss == "kl" else ""
     log(f"cutting with {args.reconstruct} reconstruction on {len(samples)} x {args.seq_len} tokens "
         f"(ridge {args.reconstruct_ridge:g} tokens = {args.reconstruct_ridge / samples.numel():.3g} relative, "
         f"drift {args.reconstruct_drift}{toward})")
@@ -603,6 +621,7 @@ def cut(model: nn.Module, plan: PruningPlan, args: argparse.Namespace, tokenizer
                               drift_weight=args.reconstruct_drift, input_weight=args.reconstruct_inputs,
                               block_epochs=args.reconstruct_epochs, block_lr=args.reconstruct_lr,
                               block_span=args.reconstruct_span, last_loss=last_loss,
+                              kl_tokens=args.reconstruct_kl_tokens,
                               block_autocast={"auto": None, "bf16": True, "none": False}[args.reconstruct_autocast],
                               ignore=ignore)
 
