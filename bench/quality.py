@@ -49,12 +49,18 @@ def configurations() -> list[tuple[str, list[str]]]:
         """An obs row; those of rounds before issue 17's twenty-first weighed by the text's labels' Fisher (spelled out)."""
         return global_row(point, "obs", reconstruct, *extra, "--obs_fisher", fisher)
 
-    def kl_row(point: str, fisher: str) -> list[str]:
+    def kl_row(point: str, fisher: str, tokens: str = "1") -> list[str]:
+        """Rows of rounds before issue 17's twenty-seventh read the head on every token of 128 kl steps (spelled out)."""
         return obs_row(point, "block", "--reconstruct_samples", "384", "--reconstruct_epochs", "1.3333",
-                       "--reconstruct_last_loss", "kl", "--reconstruct_autocast", "bf16", fisher=fisher)[1]
+                       "--reconstruct_last_loss", "kl", "--reconstruct_kl_tokens", tokens, "--reconstruct_autocast", "bf16",
+                       fisher=fisher)[1]
 
     rows = [global_row(p, "taylor", r) for r in ("lsq", "none") for p in RATIOS]
-    # the global command's defaults since issue 17's twenty-first round: obs weighed by the Fisher of the model's own
+    # the global command's defaults since issue 17's twenty-seventh round: the twenty-first round's, with the last
+    # layer's kl steps twice as many, each reading the head on half the tokens
+    rows += [(f"{p} global obs block sampled Fisher kl half-token steps bf16 autocast", kl_row(p, "sampled", "0.5"))
+             for p in POINTS]
+    # the twenty-first round's defaults: obs weighed by the Fisher of the model's own
     # predictions + block, 128 Adam steps on 384 windows, the last layer's toward the dense next-token distribution,
     # <unk> placeholders out of the fit, the knapsack's cut penalty 1; bf16 where native (this CPU has AVX512-BF16)
     rows += [(f"{p} global obs block sampled Fisher last_loss kl bf16 autocast", kl_row(p, "sampled")) for p in POINTS]
