@@ -152,6 +152,7 @@ def test_distributed_launch_is_refused(tmp_path, monkeypatch):
     (["global_pruning.py", "--reconstruct_last_loss", "kl", "--reconstruct_drift", "0"], "--reconstruct_drift > 0"),
     (["global_pruning.py", "--reconstruct_last_loss", "ce"], "invalid choice"),
     (["global_pruning.py", "--reconstruct_kl_tokens", "0"], "must be in (0, 1]"),
+    (["global_pruning.py", "--reconstruct_kl_tokens", "2"], "must be in (0, 1], got 2"),
     (["global_pruning.py", "--reconstruct_kl_tokens", "1", "--reconstruct_last_loss", "mse"],
      "--reconstruct_kl_tokens 1 shapes the last layer's kl steps only"),
     (["layer_pruning.py", "--reconstruct_kl_tokens", "0.25"], "--reconstruct_kl_tokens 0.25 shapes"),

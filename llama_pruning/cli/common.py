@@ -82,9 +82,10 @@ def fraction(text: str) -> float:
 
 def positive_fraction(text: str) -> float:
     """argparse type for a fraction in (0, 1]."""
-    if fraction(text) == 0:
+    value = float(text)
+    if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return float(text)
+    return value
 
 
 def non_negative(text: str) -> float:
