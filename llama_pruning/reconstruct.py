@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -457,6 +458,33 @@ class NextTokenKL:
 _FUSED_ADAM = ("cpu", "cuda")  # devices with a fused Adam kernel
 
 
+def _adam_steps(epochs: float, batches: int) -> int:
+    """`refine_layer`'s step count: `epochs` passes over `batches` micro-batches, at least one."""
+    return max(1, round(epochs * batches))
+
+
+class TimedTicks:
+    """The progress callback of the last layer's kl steps: each step counts the passes its measured seconds are worth at
+    the run's mean seconds per pass so far (at least `ticks`), and the bar's total follows, so the ETA holds through a
+    layer whose vocabulary-wide head makes a step several passes long on a small model (SmolLM2: about 9 in float32)."""
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, bar: tqdm, steps: int, ticks: int):
+        self.bar, self.left, self.ticks, self.done = bar, steps, ticks, 0
+        self.pass_seconds = bar.format_dict["elapsed"] / bar.n if bar.n and not bar.disable else 0.0
+        self.start = self.clock()
+
+    def __call__(self) -> None:
+        self.done += 1
+        self.left -= 1
+        weight = self.ticks
+        if self.pass_seconds:
+            weight = max(weight, round((self.clock() - self.start) / self.done / self.pass_seconds))
+        self.bar.total = self.bar.n + weight * (self.left + 1)
+        self.bar.update(weight)
+
+
 def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[torch.Tensor], kwargs: list[dict],
                  epochs: float, lr: float, step: Callable[[], object] = lambda: None,
                  autocast: bool = False, keep: list[torch.Tensor] | None = None,
@@ -470,7 +498,7 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     all of them jointly; `keep` (per batch, 0/1 per token) leaves tokens out of the loss. `loss_fn(output, target, keep)`:
     the mean squared error by default, `NextTokenKL` for the last layer. Returns the mean loss of the first and last pass.
     """
-    steps = max(1, round(epochs * len(inputs)))
+    steps = _adam_steps(epochs, len(inputs))
     dtype = next(layer.parameters()).dtype
     params = [p for p in layer.parameters() if p.is_floating_point()]
     layer.float()
@@ -652,12 +680,13 @@ def prune_with_reconstruction(
             layers = decoder_layers(model)
             refined = _refined_layers(plan) if mode == "block" else []
             units = _spans(len(layers), refined, block_span)
-            steps = max(1, round(block_epochs * len(hidden)))
+            steps = _adam_steps(block_epochs, len(hidden))
             kl_epochs = block_epochs / kl_tokens  # the last unit's, when refined under kl
             kl_layers = len(units[-1]) if last_loss == "kl" and units[-1][0] in refined else 0
             # one tick per batch and block (attention, MLP) of every layer and per refinement step and layer it moves, the
-            # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on
-            kl_extra = (max(1, round(kl_epochs * len(hidden))) - steps) * kl_layers
+            # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on;
+            # the last layer's kl steps then count as many ticks as their time is worth (`TimedTicks`)
+            kl_extra = (_adam_steps(kl_epochs, len(hidden)) - steps) * kl_layers
             with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined) + kl_extra, desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
                 for span in units:
@@ -687,20 +716,21 @@ def prune_with_reconstruction(
                             unit = LayerSpan([layers[i] for i in span], devices)
                             dense_unit = LayerSpan(dense_layers, devices)
                             unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
-                            loss_fn, epochs = masked_mse, block_epochs
+                            loss_fn, epochs, ticks = masked_mse, block_epochs, functools.partial(bar.update, len(span))
                             if last_loss == "kl" and span[-1] == len(layers) - 1:
                                 norm, head = final_norm(model), model.get_output_embeddings()
                                 loaded.enter_context(placement.on_device(norm, devices[-1]))
                                 loaded.enter_context(placement.on_device(head, devices[-1]))
                                 loss_fn, epochs = NextTokenKL(norm, head.weight, autocast, kl_tokens), kl_epochs
                                 targets = loss_fn.targets(dense_hidden)
+                                ticks = TimedTicks(bar, _adam_steps(epochs, len(inputs)), len(span))
                             else:
                                 targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight,
                                                          autocast, outputs)
                             del outputs, dense_unit, dense_layers
                             placement.release_host_memory()
-                            refine_layer(unit, inputs, targets, unit_kwargs, epochs, block_lr,
-                                         functools.partial(bar.update, len(span)), autocast, keep, loss_fn)
+                            refine_layer(unit, inputs, targets, unit_kwargs, epochs, block_lr, ticks, autocast, keep,
+                                         loss_fn)
                             del targets, loss_fn  # with autocast, kl's loss holds a bfloat16 copy of the head
                             hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)
                     placement.release_host_memory()

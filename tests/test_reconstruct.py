@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import gc
+import io
 
 import pytest
 import torch
 from torch import nn
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from llama_pruning import placement, reconstruct
@@ -677,10 +679,11 @@ def test_progress_counts_every_batch_of_every_block(capsys):
 
 
 @pytest.mark.parametrize("span", [1, 2])
-def test_block_progress_adds_every_refinement_step(capsys, span):
+def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
     """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted, the
-    last layer's kl steps 1 / kl_tokens times as many; a step through a span of layers counts once per layer, so the
-    total does not depend on the span."""
+    last layer's kl steps 1 / kl_tokens times as many (steps that take no time: one tick each); a step through a span of
+    layers counts once per layer, so the total does not depend on the span."""
+    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: 0.0))
     dense = tiny_model()
     plan = random_plan(dense, seed=2)  # layer 2 emptied
     prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5, block_span=span)
@@ -688,6 +691,28 @@ def test_block_progress_adds_every_refinement_step(capsys, span):
     layers, batches, refined = 4, 3, 3  # the last unit is layer 3 alone with either span
     total = 2 * layers * batches + round(1.5 * batches) * (refined - 1) + round(1.5 / DEFAULT_KL_TOKENS * batches)
     assert f" {total}/{total} " in bar
+
+
+def test_timed_ticks_count_a_kl_step_as_the_passes_its_time_is_worth(monkeypatch):
+    """After 10 passes in 10 s, kl steps of 4 s count 4 ticks each and the total follows, so the bar ends at it; a step
+    quicker than `ticks` passes counts `ticks`; a disabled bar is not timed."""
+    times = iter([0.0, 4.0, 8.0, 12.0, 100.0, 100.5, 200.0, 300.0])
+    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: next(times)))
+    bar = tqdm(total=13, file=io.StringIO())
+    bar.update(10)
+    bar.start_t -= 10  # tqdm's elapsed time: 10 s for the 10 passes
+    ticks = reconstruct.TimedTicks(bar, 3, 1)
+    seen = []
+    for _ in range(3):
+        ticks()
+        seen.append((bar.n, bar.total))
+    assert seen == [(14, 22), (18, 22), (22, 22)]
+    quick = reconstruct.TimedTicks(bar, 1, 2)
+    quick()
+    assert (bar.n, bar.total) == (24, 24)
+    off = tqdm(total=3, disable=True)
+    reconstruct.TimedTicks(off, 3, 1)()
+    assert off.total == 3 and next(times) == 300.0  # its start read the clock, its step did not
 
 
 @pytest.mark.parametrize("rows", [0, 3, 200])
@@ -780,6 +805,7 @@ def test_kl_tokens_give_the_last_layer_proportionally_more_steps(monkeypatch):
 
     monkeypatch.setattr(reconstruct, "refine_layer", spy)
     monkeypatch.setattr(reconstruct, "tqdm", lambda **kwargs: bars.append(bar(**kwargs)) or bars[-1])
+    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: 0.0))  # a kl step: one tick
     for tokens in (0.25, 1.0):
         prune_with_reconstruction(copy.deepcopy(dense), plan, _ids(8, 16, 0), "block", batch_size=2, block_epochs=1.5,
                                   kl_tokens=tokens)
