@@ -464,24 +464,25 @@ def _adam_steps(epochs: float, batches: int) -> int:
 
 
 class TimedTicks:
-    """The progress callback of the last layer's kl steps: each step counts the passes its measured seconds are worth at
-    the run's mean seconds per pass so far (at least `ticks`), and the bar's total follows, so the ETA holds through a
-    layer whose vocabulary-wide head makes a step several passes long on a small model (SmolLM2: about 9 in float32)."""
+    """Progress of the last layer's kl steps: they count the passes their measured seconds are worth at the run's mean
+    seconds per pass so far (at least `ticks` a step), and the bar's total follows, so the ETA holds through that layer."""
 
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, bar: tqdm, steps: int, ticks: int):
-        self.bar, self.left, self.ticks, self.done = bar, steps, ticks, 0
+        # the vocabulary-wide head makes a step several passes long on a small model (SmolLM2: 8-9)
+        self.bar, self.left, self.ticks, self.done, self.counted = bar, steps, ticks, 0, 0
         self.pass_seconds = bar.format_dict["elapsed"] / bar.n if bar.n and not bar.disable else 0.0
         self.start = self.clock()
 
     def __call__(self) -> None:
         self.done += 1
         self.left -= 1
-        weight = self.ticks
+        worth = self.done * self.ticks  # rounded once over the steps so far, so no rounding error builds up
         if self.pass_seconds:
-            weight = max(weight, round((self.clock() - self.start) / self.done / self.pass_seconds))
-        self.bar.total = self.bar.n + weight * (self.left + 1)
+            worth = max(worth, round((self.clock() - self.start) / self.pass_seconds))
+        weight, self.counted = worth - self.counted, worth
+        self.bar.total = self.bar.n + weight + round(worth / self.done * self.left)
         self.bar.update(weight)
 
 

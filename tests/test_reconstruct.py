@@ -681,8 +681,8 @@ def test_progress_counts_every_batch_of_every_block(capsys):
 @pytest.mark.parametrize("span", [1, 2])
 def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
     """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted, the
-    last layer's kl steps 1 / kl_tokens times as many (steps that take no time: one tick each); a step through a span of
-    layers counts once per layer, so the total does not depend on the span."""
+    last layer's kl steps 1 / kl_tokens times as many (steps that take no time: one tick per layer each); a step through
+    a span of layers counts once per layer, so the total does not depend on the span."""
     monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: 0.0))
     dense = tiny_model()
     plan = random_plan(dense, seed=2)  # layer 2 emptied
@@ -694,25 +694,33 @@ def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
 
 
 def test_timed_ticks_count_a_kl_step_as_the_passes_its_time_is_worth(monkeypatch):
-    """After 10 passes in 10 s, kl steps of 4 s count 4 ticks each and the total follows, so the bar ends at it; a step
-    quicker than `ticks` passes counts `ticks`; a disabled bar is not timed."""
-    times = iter([0.0, 4.0, 8.0, 12.0, 100.0, 100.5, 200.0, 300.0])
+    """After 10 passes in 10 s, kl steps of 4 s count 4 ticks each and the total follows, so the bar ends at it; steps of
+    1.4 s count 6 ticks over four (no rounding error builds up); a step quicker than `ticks` passes counts `ticks`; a
+    disabled bar is not timed."""
+    times = iter([0.0, 4.0, 8.0, 12.0, 20.0, 21.4, 22.8, 24.2, 25.6, 100.0, 100.3, 200.0, 300.0])
     monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: next(times)))
-    bar = tqdm(total=13, file=io.StringIO())
-    bar.update(10)
-    bar.start_t -= 10  # tqdm's elapsed time: 10 s for the 10 passes
-    ticks = reconstruct.TimedTicks(bar, 3, 1)
-    seen = []
-    for _ in range(3):
-        ticks()
-        seen.append((bar.n, bar.total))
-    assert seen == [(14, 22), (18, 22), (22, 22)]
-    quick = reconstruct.TimedTicks(bar, 1, 2)
-    quick()
-    assert (bar.n, bar.total) == (24, 24)
-    off = tqdm(total=3, disable=True)
-    reconstruct.TimedTicks(off, 3, 1)()
-    assert off.total == 3 and next(times) == 300.0  # its start read the clock, its step did not
+    with tqdm(total=13, file=io.StringIO()) as bar:
+        bar.update(10)
+        bar.start_t -= 10  # tqdm's elapsed time: 10 s for the 10 passes
+        ticks = reconstruct.TimedTicks(bar, 3, 1)
+        seen = []
+        for _ in range(3):
+            ticks()
+            seen.append((bar.n, bar.total))
+        assert seen == [(14, 22), (18, 22), (22, 22)]
+        bar.start_t = bar._time() - 22  # 1 s per pass again
+        uneven = reconstruct.TimedTicks(bar, 4, 1)
+        seen = []
+        for _ in range(4):
+            uneven()
+            seen.append(bar.n - 22)
+        assert seen == [1, 3, 4, 6] and bar.total == bar.n
+        quick = reconstruct.TimedTicks(bar, 1, 2)
+        quick()
+        assert (bar.n, bar.total) == (30, 30)
+    with tqdm(total=5, disable=True) as off:
+        reconstruct.TimedTicks(off, 5, 1)()
+        assert off.n == 0 and next(times) == 300.0  # its start read the clock, its step did not
 
 
 @pytest.mark.parametrize("rows", [0, 3, 200])
