@@ -471,18 +471,17 @@ class TimedTicks:
 
     def __init__(self, bar: tqdm, steps: int, ticks: int):
         # the vocabulary-wide head makes a step several passes long on a small model (SmolLM2: 8-9)
-        self.bar, self.left, self.ticks, self.done, self.counted = bar, steps, ticks, 0, 0
+        self.bar, self.steps, self.ticks, self.done, self.counted = bar, steps, ticks, 0, 0
         self.pass_seconds = bar.format_dict["elapsed"] / bar.n if bar.n and not bar.disable else 0.0
         self.start = self.clock()
 
     def __call__(self) -> None:
         self.done += 1
-        self.left -= 1
         worth = self.done * self.ticks  # rounded once over the steps so far, so no rounding error builds up
         if self.pass_seconds:
             worth = max(worth, round((self.clock() - self.start) / self.pass_seconds))
         weight, self.counted = worth - self.counted, worth
-        self.bar.total = self.bar.n + weight + round(worth / self.done * self.left)
+        self.bar.total = self.bar.n + weight + round(worth / self.done * (self.steps - self.done))
         self.bar.update(weight)
 
 
@@ -683,11 +682,12 @@ def prune_with_reconstruction(
             units = _spans(len(layers), refined, block_span)
             steps = _adam_steps(block_epochs, len(hidden))
             kl_epochs = block_epochs / kl_tokens  # the last unit's, when refined under kl
+            kl_steps = _adam_steps(kl_epochs, len(hidden))
             kl_layers = len(units[-1]) if last_loss == "kl" and units[-1][0] in refined else 0
             # one tick per batch and block (attention, MLP) of every layer and per refinement step and layer it moves, the
             # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on;
             # the last layer's kl steps then count as many ticks as their time is worth (`TimedTicks`)
-            kl_extra = (_adam_steps(kl_epochs, len(hidden)) - steps) * kl_layers
+            kl_extra = (kl_steps - steps) * kl_layers
             with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined) + kl_extra, desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
                 for span in units:
@@ -724,7 +724,7 @@ def prune_with_reconstruction(
                                 loaded.enter_context(placement.on_device(head, devices[-1]))
                                 loss_fn, epochs = NextTokenKL(norm, head.weight, autocast, kl_tokens), kl_epochs
                                 targets = loss_fn.targets(dense_hidden)
-                                ticks = TimedTicks(bar, _adam_steps(epochs, len(inputs)), len(span))
+                                ticks = TimedTicks(bar, kl_steps, len(span))
                             else:
                                 targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight,
                                                          autocast, outputs)
