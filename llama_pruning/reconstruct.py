@@ -463,23 +463,44 @@ def _adam_steps(epochs: float, batches: int) -> int:
     return max(1, round(epochs * batches))
 
 
-class TimedTicks:
-    """Progress of the last layer's kl steps: they count the passes their measured seconds are worth at the run's mean
-    seconds per pass so far (at least `ticks` a step), and the bar's total follows, so the ETA holds through that layer."""
+def _seconds_per_tick(bar: tqdm) -> float:
+    """The run's mean seconds per tick so far (0: none yet, or the bar is disabled)."""
+    return bar.format_dict["elapsed"] / bar.n if bar.n and not bar.disable else 0.0
+
+
+class KlTicks:
+    """The bar's share for the last layer's kl steps, whose vocabulary-wide head makes each several passes long (SmolLM2:
+    8-9), so the ETA holds through the run. Before they run it is a forecast: a block step's measured ticks per layer times
+    `layers` + `head_ratio` (the head's FLOPs against a layer's); while they run, each step counts the ticks its measured
+    seconds are worth at the run's mean seconds per tick (at least `layers`), and the total follows."""
 
     clock = staticmethod(time.perf_counter)
 
-    def __init__(self, bar: tqdm, steps: int, ticks: int):
-        # the vocabulary-wide head makes a step several passes long on a small model (SmolLM2: 8-9)
-        self.bar, self.steps, self.ticks, self.done, self.counted = bar, steps, ticks, 0, 0
-        self.pass_seconds = bar.format_dict["elapsed"] / bar.n if bar.n and not bar.disable else 0.0
-        self.start = self.clock()
+    def __init__(self, bar: tqdm, steps: int, layers: int, head_ratio: float):
+        self.bar, self.steps, self.layers, self.head_ratio = bar, steps, layers, head_ratio
+        self.share = self.done = self.counted = 0
+        self.forecast(1.0)  # until a block step is timed: one tick a layer, as the bar counts it
+
+    def forecast(self, step_ticks: float) -> None:
+        """Re-estimate the share from `step_ticks`, the ticks one layer's block step is worth."""
+        worth = max(self.steps * self.layers, round(self.steps * step_ticks * (self.layers + self.head_ratio)))
+        self.bar.total += worth - self.share
+        self.share = worth
+
+    def timed(self, seconds: float, layer_steps: int) -> None:
+        """Forecast from a block refinement of `layer_steps` layer-steps (steps x layers moved) that took `seconds`."""
+        if tick := _seconds_per_tick(self.bar):
+            self.forecast(seconds / layer_steps / tick)
+
+    def start(self) -> None:
+        """The kl steps begin: from here their measured time counts."""
+        self.tick, self.begin = _seconds_per_tick(self.bar), self.clock()
 
     def __call__(self) -> None:
         self.done += 1
-        worth = self.done * self.ticks  # rounded once over the steps so far, so no rounding error builds up
-        if self.pass_seconds:
-            worth = max(worth, round((self.clock() - self.start) / self.pass_seconds))
+        worth = self.done * self.layers  # rounded once over the steps so far, so no rounding error builds up
+        if self.tick:
+            worth = max(worth, round((self.clock() - self.begin) / self.tick))
         weight, self.counted = worth - self.counted, worth
         self.bar.total = self.bar.n + weight + round(worth / self.done * (self.steps - self.done))
         self.bar.update(weight)
@@ -531,6 +552,15 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     first = losses[:len(inputs)]
     last = losses[-len(inputs):]
     return sum(first) / len(first), sum(last) / len(last)
+
+
+def _head_ratio(plan: PruningPlan, layers: list[int], head: torch.Tensor, kl_tokens: float) -> float:
+    """A kl step's head FLOPs against one block step's of the mean of `layers` as `plan` cuts them: per token the head is
+    multiplied three times (student, dense, gradient) on `kl_tokens` of the tokens, a layer's kept weights three times."""
+    spec = plan.model_spec()
+    kept = sum(spec.attn_block_params(len(plan.attn_groups[i])) + spec.mlp_block_params(len(plan.mlp_channels[i]))
+               for i in layers) / len(layers)
+    return kl_tokens * head.numel() / max(kept, 1)
 
 
 def _refined_layers(plan: PruningPlan) -> list[int]:
@@ -686,10 +716,11 @@ def prune_with_reconstruction(
             kl_layers = len(units[-1]) if last_loss == "kl" and units[-1][0] in refined else 0
             # one tick per batch and block (attention, MLP) of every layer and per refinement step and layer it moves, the
             # ETA averaged over the whole run so far: it is shown, and steady, from the first batches of the first layer on;
-            # the last layer's kl steps then count as many ticks as their time is worth (`TimedTicks`)
-            kl_extra = (kl_steps - steps) * kl_layers
-            with tqdm(total=2 * len(layers) * len(hidden) + steps * len(refined) + kl_extra, desc=f"reconstruct ({mode})",
+            # the last layer's kl steps count as many ticks as their time is worth, forecast until they run (`KlTicks`)
+            with tqdm(total=2 * len(layers) * len(hidden) + steps * (len(refined) - kl_layers), desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
+                kl_ticks = KlTicks(bar, kl_steps, kl_layers, kl_layers and _head_ratio(
+                    plan, units[-1], model.get_output_embeddings().weight, kl_tokens))
                 for span in units:
                     refine = span[0] in refined
                     inputs, dense_layers, devices, span_kwargs = None, [], [], []
@@ -718,20 +749,25 @@ def prune_with_reconstruction(
                             dense_unit = LayerSpan(dense_layers, devices)
                             unit_kwargs = [{"per_layer": list(batch)} for batch in zip(*span_kwargs, strict=True)]
                             loss_fn, epochs, ticks = masked_mse, block_epochs, functools.partial(bar.update, len(span))
-                            if last_loss == "kl" and span[-1] == len(layers) - 1:
+                            kl = last_loss == "kl" and span[-1] == len(layers) - 1
+                            if kl:
                                 norm, head = final_norm(model), model.get_output_embeddings()
                                 loaded.enter_context(placement.on_device(norm, devices[-1]))
                                 loaded.enter_context(placement.on_device(head, devices[-1]))
                                 loss_fn, epochs = NextTokenKL(norm, head.weight, autocast, kl_tokens), kl_epochs
                                 targets = loss_fn.targets(dense_hidden)
-                                ticks = TimedTicks(bar, kl_steps, len(span))
+                                ticks = kl_ticks
+                                kl_ticks.start()
                             else:
                                 targets = _block_targets(dense_unit, inputs, unit_kwargs, dense_hidden, drift_weight,
                                                          autocast, outputs)
                             del outputs, dense_unit, dense_layers
                             placement.release_host_memory()
+                            began = KlTicks.clock()
                             refine_layer(unit, inputs, targets, unit_kwargs, epochs, block_lr, ticks, autocast, keep,
                                          loss_fn)
+                            if not kl:
+                                kl_ticks.timed(KlTicks.clock() - began, steps * len(span))
                             del targets, loss_fn  # with autocast, kl's loss holds a bfloat16 copy of the head
                             hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)
                     placement.release_host_memory()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from llama_pruning import placement, reconstruct
 from llama_pruning.gram import MIN_WIDTH
-from llama_pruning.models.arch import count_params, decoder_layers, model_spec, run_layer
+from llama_pruning.models.arch import ModelSpec, count_params, decoder_layers, model_spec, run_layer
 from llama_pruning.models.export import save_pruned_model
 from llama_pruning.options import DEFAULT_KL_TOKENS
 from llama_pruning.plan import PruningPlan
@@ -683,7 +683,7 @@ def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
     """Block mode's bar also counts its Adam steps (epochs x batches) on each cut layer, emptied layers excepted, the
     last layer's kl steps 1 / kl_tokens times as many (steps that take no time: one tick per layer each); a step through
     a span of layers counts once per layer, so the total does not depend on the span."""
-    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: 0.0))
+    monkeypatch.setattr(reconstruct.KlTicks, "clock", staticmethod(lambda: 0.0))
     dense = tiny_model()
     plan = random_plan(dense, seed=2)  # layer 2 emptied
     prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5, block_span=span)
@@ -693,34 +693,60 @@ def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
     assert f" {total}/{total} " in bar
 
 
-def test_timed_ticks_count_a_kl_step_as_the_passes_its_time_is_worth(monkeypatch):
-    """After 10 passes in 10 s, kl steps of 4 s count 4 ticks each and the total follows, so the bar ends at it; steps of
-    1.4 s count 6 ticks over four (no rounding error builds up); a step quicker than `ticks` passes counts `ticks`; a
-    disabled bar is not timed."""
+def test_kl_ticks_forecast_the_kl_steps_then_count_the_passes_their_time_is_worth(monkeypatch):
+    """Until a block step is timed, the kl steps' share of the total is one tick a layer-step times layers + head_ratio;
+    then the timed step's ticks instead of one (at least a tick a layer-step). Running after 10 passes in 10 s, kl steps
+    of 4 s count 4 ticks each and the total follows, so the bar ends at it; steps of 1.4 s count 6 ticks over four (no
+    rounding error builds up); a step quicker than `layers` passes counts `layers`; a disabled bar is not timed."""
     times = iter([0.0, 4.0, 8.0, 12.0, 20.0, 21.4, 22.8, 24.2, 25.6, 100.0, 100.3, 200.0, 300.0])
-    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: next(times)))
-    with tqdm(total=13, file=io.StringIO()) as bar:
+    monkeypatch.setattr(reconstruct.KlTicks, "clock", staticmethod(lambda: next(times)))
+    with tqdm(total=10, file=io.StringIO()) as bar:
+        ticks = reconstruct.KlTicks(bar, 3, 1, 2.0)
+        assert bar.total == 10 + 3 * 3
+        ticks.timed(5.0, 2)  # no pass yet: nothing to measure a step against
+        assert bar.total == 19
         bar.update(10)
         bar.start_t -= 10  # tqdm's elapsed time: 10 s for the 10 passes
-        ticks = reconstruct.TimedTicks(bar, 3, 1)
+        ticks.timed(0.0, 6)
+        assert bar.total == 10 + 3
+        ticks.timed(12.0, 6)  # 2 s a layer-step: 2 ticks, so 3 steps x 2 x (1 + 2)
+        assert bar.total == 10 + 18
+        ticks.start()
         seen = []
         for _ in range(3):
             ticks()
             seen.append((bar.n, bar.total))
         assert seen == [(14, 22), (18, 22), (22, 22)]
+        uneven = reconstruct.KlTicks(bar, 4, 1, 0.0)
         bar.start_t = bar._time() - 22  # 1 s per pass again
-        uneven = reconstruct.TimedTicks(bar, 4, 1)
+        uneven.start()
         seen = []
         for _ in range(4):
             uneven()
             seen.append(bar.n - 22)
         assert seen == [1, 3, 4, 6] and bar.total == bar.n
-        quick = reconstruct.TimedTicks(bar, 1, 2)
+        quick = reconstruct.KlTicks(bar, 1, 2, 0.0)
+        quick.start()
         quick()
         assert (bar.n, bar.total) == (30, 30)
     with tqdm(total=5, disable=True) as off:
-        reconstruct.TimedTicks(off, 5, 1)()
+        idle = reconstruct.KlTicks(off, 5, 1, 0.0)
+        idle.start()
+        idle()
         assert off.n == 0 and next(times) == 300.0  # its start read the clock, its step did not
+
+
+def test_head_ratio_weighs_a_kl_step_by_flops_against_the_layers_kept_weights():
+    """SmolLM2's geometry, its last layer cut to 2 of 3 groups: 2 x (5 x 64 + 192) x 576 + 1536 x 3 x 576 = 3244032 kept
+    weights against half the tokens through the 49152 x 576 head: 48 / 11; a span averages its layers."""
+    spec = ModelSpec("llama", 30, 576, 3, 3, 64, 1536, False, False, False)
+    plan = PruningPlan.dense(spec, "smollm2")
+    plan.attn_groups[29] = [0, 2]
+    plan.mlp_channels[28] = list(range(768))
+    head = torch.empty(49152, 576, device="meta")
+    assert reconstruct._head_ratio(plan, [29], head, 0.5) == pytest.approx(48 / 11, rel=1e-12)
+    mean = (3244032 + 3 * 294912 + 768 * 1728) / 2
+    assert reconstruct._head_ratio(plan, [28, 29], head, 1.0) == pytest.approx(49152 * 576 / mean, rel=1e-12)
 
 
 @pytest.mark.parametrize("rows", [0, 3, 200])
@@ -813,7 +839,7 @@ def test_kl_tokens_give_the_last_layer_proportionally_more_steps(monkeypatch):
 
     monkeypatch.setattr(reconstruct, "refine_layer", spy)
     monkeypatch.setattr(reconstruct, "tqdm", lambda **kwargs: bars.append(bar(**kwargs)) or bars[-1])
-    monkeypatch.setattr(reconstruct.TimedTicks, "clock", staticmethod(lambda: 0.0))  # a kl step: one tick
+    monkeypatch.setattr(reconstruct.KlTicks, "clock", staticmethod(lambda: 0.0))  # a kl step: one tick
     for tokens in (0.25, 1.0):
         prune_with_reconstruction(copy.deepcopy(dense), plan, _ids(8, 16, 0), "block", batch_size=2, block_epochs=1.5,
                                   kl_tokens=tokens)
