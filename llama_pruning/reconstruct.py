@@ -470,27 +470,32 @@ def _seconds_per_tick(bar: tqdm) -> float:
 
 class KlTicks:
     """The bar's share for the last layer's kl steps, whose vocabulary-wide head makes each several passes long (SmolLM2:
-    8-9), so the ETA holds through the run. Before they run it is a forecast: a block step's measured ticks per layer times
-    `layers` + `head_ratio` (the head's FLOPs against a layer's); while they run, each step counts the ticks its measured
-    seconds are worth at the run's mean seconds per tick (at least `layers`), and the total follows."""
+    8-9), so the ETA holds through the run. Before they run it is a forecast in FLOPs: the block steps timed so far price a
+    kept weight in ticks (a step multiplies each three times per token), and a kl step multiplies `weights` (its layers'
+    kept ones) and `head` (the head's times the share of the batch's tokens it reads); while they run, each step counts
+    the ticks its measured seconds are worth at the run's mean seconds per tick (at least `layers`), and the total follows."""
 
     clock = staticmethod(time.perf_counter)
 
-    def __init__(self, bar: tqdm, steps: int, layers: int, head_ratio: float):
-        self.bar, self.steps, self.layers, self.head_ratio = bar, steps, layers, head_ratio
-        self.share = self.done = self.counted = 0
-        self.forecast(1.0)  # until a block step is timed: one tick a layer, as the bar counts it
+    def __init__(self, bar: tqdm, steps: int, layers: int, weights: float, head: float):
+        self.bar, self.steps, self.layers, self.step_weights = bar, steps, layers, weights + head
+        self.share = self.done = self.counted = self.tick = 0
+        self.seconds = self.timed_weights = 0.0
+        if layers:  # until a block step is timed: one tick a layer of the mean kept width, as the bar counts it
+            self.forecast(layers / weights)
 
-    def forecast(self, step_ticks: float) -> None:
-        """Re-estimate the share from `step_ticks`, the ticks one layer's block step is worth."""
-        worth = max(self.steps * self.layers, round(self.steps * step_ticks * (self.layers + self.head_ratio)))
+    def forecast(self, weight_ticks: float) -> None:
+        """Re-estimate the share from `weight_ticks`, the ticks one kept weight is worth in a step."""
+        worth = max(self.steps * self.layers, round(self.steps * weight_ticks * self.step_weights))
         self.bar.total += worth - self.share
         self.share = worth
 
-    def timed(self, seconds: float, layer_steps: int) -> None:
-        """Forecast from a block refinement of `layer_steps` layer-steps (steps x layers moved) that took `seconds`."""
-        if tick := _seconds_per_tick(self.bar):
-            self.forecast(seconds / layer_steps / tick)
+    def timed(self, seconds: float, weights: float) -> None:
+        """Forecast from every block refinement so far, this one `weights` (steps x kept weights) in `seconds`."""
+        self.seconds += seconds
+        self.timed_weights += weights
+        if self.layers and (tick := _seconds_per_tick(self.bar)):
+            self.forecast(self.seconds / self.timed_weights / tick)
 
     def start(self) -> None:
         """The kl steps begin: from here their measured time counts."""
@@ -554,13 +559,11 @@ def refine_layer(layer: nn.Module, inputs: list[torch.Tensor], targets: list[tor
     return sum(first) / len(first), sum(last) / len(last)
 
 
-def _head_ratio(plan: PruningPlan, layers: list[int], head: torch.Tensor, kl_tokens: float) -> float:
-    """A kl step's head FLOPs against one block step's of the mean of `layers` as `plan` cuts them: per token the head is
-    multiplied three times (student, dense, gradient) on `kl_tokens` of the tokens, a layer's kept weights three times."""
+def _kept_weights(plan: PruningPlan, layers: list[int]) -> int:
+    """The weights `plan` keeps in `layers`' attention and MLP blocks: what a step multiplies per token, three times."""
     spec = plan.model_spec()
-    kept = sum(spec.attn_block_params(len(plan.attn_groups[i])) + spec.mlp_block_params(len(plan.mlp_channels[i]))
-               for i in layers) / len(layers)
-    return kl_tokens * head.numel() / max(kept, 1)
+    return sum(spec.attn_block_params(len(plan.attn_groups[i])) + spec.mlp_block_params(len(plan.mlp_channels[i]))
+               for i in layers)
 
 
 def _refined_layers(plan: PruningPlan) -> list[int]:
@@ -719,8 +722,10 @@ def prune_with_reconstruction(
             # the last layer's kl steps count as many ticks as their time is worth, forecast until they run (`KlTicks`)
             with tqdm(total=2 * len(layers) * len(hidden) + steps * (len(refined) - kl_layers), desc=f"reconstruct ({mode})",
                       unit="pass", smoothing=0, disable=not progress) as bar:
-                kl_ticks = KlTicks(bar, kl_steps, kl_layers, kl_layers and _head_ratio(
-                    plan, units[-1], model.get_output_embeddings().weight, kl_tokens))
+                # the head, three times a step too, on kl_tokens of the tokens the loss keeps (`NextTokenKL`)
+                read = kl_tokens * (1 if ignore is None else 1 - ignore.float().mean().item())
+                kl_ticks = KlTicks(bar, kl_steps, kl_layers, _kept_weights(plan, units[-1]),
+                                   kl_layers and read * model.get_output_embeddings().weight.numel())
                 for span in units:
                     refine = span[0] in refined
                     inputs, dense_layers, devices, span_kwargs = None, [], [], []
@@ -767,7 +772,7 @@ def prune_with_reconstruction(
                             refine_layer(unit, inputs, targets, unit_kwargs, epochs, block_lr, ticks, autocast, keep,
                                          loss_fn)
                             if not kl:
-                                kl_ticks.timed(KlTicks.clock() - began, steps * len(span))
+                                kl_ticks.timed(KlTicks.clock() - began, steps * _kept_weights(plan, span))
                             del targets, loss_fn  # with autocast, kl's loss holds a bfloat16 copy of the head
                             hidden[:] = _layer_outputs(unit, inputs, unit_kwargs, autocast)
                     placement.release_host_memory()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import io
+import itertools
 
 import pytest
 import torch
@@ -694,22 +695,21 @@ def test_block_progress_adds_every_refinement_step(capsys, monkeypatch, span):
 
 
 def test_kl_ticks_forecast_the_kl_steps_then_count_the_passes_their_time_is_worth(monkeypatch):
-    """Until a block step is timed, the kl steps' share of the total is one tick a layer-step times layers + head_ratio;
-    then the timed step's ticks instead of one (at least a tick a layer-step). Running after 10 passes in 10 s, kl steps
-    of 4 s count 4 ticks each and the total follows, so the bar ends at it; steps of 1.4 s count 6 ticks over four (no
-    rounding error builds up); a step quicker than `layers` passes counts `layers`; a disabled bar is not timed."""
+    """Until a block step is timed, the kl steps' share of the total is a tick a layer-step scaled by the step's weights
+    (its layers' and the head's) against the layers'; then the seconds per kept weight of every block step timed so far,
+    in ticks (at least a tick a layer-step). Running after 10 passes in 10 s, kl steps of 4 s count 4 ticks each and the
+    total follows, so the bar ends at it; steps of 1.4 s count 6 ticks over four (no rounding error builds up); a step
+    quicker than `layers` passes counts `layers`; a disabled bar is not timed."""
     times = iter([0.0, 4.0, 8.0, 12.0, 20.0, 21.4, 22.8, 24.2, 25.6, 100.0, 100.3, 200.0, 300.0])
     monkeypatch.setattr(reconstruct.KlTicks, "clock", staticmethod(lambda: next(times)))
     with tqdm(total=10, file=io.StringIO()) as bar:
-        ticks = reconstruct.KlTicks(bar, 3, 1, 2.0)
-        assert bar.total == 10 + 3 * 3
-        ticks.timed(5.0, 2)  # no pass yet: nothing to measure a step against
-        assert bar.total == 19
+        ticks = reconstruct.KlTicks(bar, 3, 1, 10.0, 20.0)
+        assert bar.total == 10 + 3 * (10 + 20) // 10
         bar.update(10)
         bar.start_t -= 10  # tqdm's elapsed time: 10 s for the 10 passes
-        ticks.timed(0.0, 6)
+        ticks.timed(0.0, 60.0)
         assert bar.total == 10 + 3
-        ticks.timed(12.0, 6)  # 2 s a layer-step: 2 ticks, so 3 steps x 2 x (1 + 2)
+        ticks.timed(24.0, 60.0)  # 24 s for 120 weight-steps: 0.2 ticks a weight, so 3 steps x 0.2 x 30
         assert bar.total == 10 + 18
         ticks.start()
         seen = []
@@ -717,7 +717,7 @@ def test_kl_ticks_forecast_the_kl_steps_then_count_the_passes_their_time_is_wort
             ticks()
             seen.append((bar.n, bar.total))
         assert seen == [(14, 22), (18, 22), (22, 22)]
-        uneven = reconstruct.KlTicks(bar, 4, 1, 0.0)
+        uneven = reconstruct.KlTicks(bar, 4, 1, 1.0, 0.0)
         bar.start_t = bar._time() - 22  # 1 s per pass again
         uneven.start()
         seen = []
@@ -725,28 +725,46 @@ def test_kl_ticks_forecast_the_kl_steps_then_count_the_passes_their_time_is_wort
             uneven()
             seen.append(bar.n - 22)
         assert seen == [1, 3, 4, 6] and bar.total == bar.n
-        quick = reconstruct.KlTicks(bar, 1, 2, 0.0)
+        quick = reconstruct.KlTicks(bar, 1, 2, 1.0, 0.0)
         quick.start()
         quick()
         assert (bar.n, bar.total) == (30, 30)
     with tqdm(total=5, disable=True) as off:
-        idle = reconstruct.KlTicks(off, 5, 1, 0.0)
+        idle = reconstruct.KlTicks(off, 5, 1, 1.0, 0.0)
         idle.start()
         idle()
         assert off.n == 0 and next(times) == 300.0  # its start read the clock, its step did not
 
 
-def test_head_ratio_weighs_a_kl_step_by_flops_against_the_layers_kept_weights():
-    """SmolLM2's geometry, its last layer cut to 2 of 3 groups: 2 x (5 x 64 + 192) x 576 + 1536 x 3 x 576 = 3244032 kept
-    weights against half the tokens through the 49152 x 576 head: 48 / 11; a span averages its layers."""
+def test_kept_weights_count_what_a_step_multiplies():
+    """SmolLM2's geometry, its last layer cut to 2 of 3 groups: 2 x (5 x 64 + 192) x 576 + 1536 x 3 x 576 weights; layer
+    28 cut to half its channels: 3 x 294912 + 768 x 1728; layers are summed."""
     spec = ModelSpec("llama", 30, 576, 3, 3, 64, 1536, False, False, False)
     plan = PruningPlan.dense(spec, "smollm2")
     plan.attn_groups[29] = [0, 2]
     plan.mlp_channels[28] = list(range(768))
-    head = torch.empty(49152, 576, device="meta")
-    assert reconstruct._head_ratio(plan, [29], head, 0.5) == pytest.approx(48 / 11, rel=1e-12)
-    mean = (3244032 + 3 * 294912 + 768 * 1728) / 2
-    assert reconstruct._head_ratio(plan, [28, 29], head, 1.0) == pytest.approx(49152 * 576 / mean, rel=1e-12)
+    assert reconstruct._kept_weights(plan, [29]) == 3244032
+    assert reconstruct._kept_weights(plan, [28, 29]) == 3244032 + 3 * 294912 + 768 * 1728
+
+
+def test_the_bar_forecasts_the_kl_steps_from_the_timed_block_steps(monkeypatch):
+    """When the kl steps start, the bar's total is every pass and block step plus their forecast: the seconds per kept
+    weight of the block steps before them (10 s each refinement on the fake clock, 1 s a tick), times the kl layer's kept
+    weights and the head's on half of the tokens (a quarter of them ignored: on half of the rest)."""
+    clock, totals = itertools.count(0.0, 10.0), []
+    monkeypatch.setattr(reconstruct.KlTicks, "clock", staticmethod(lambda: next(clock)))
+    monkeypatch.setattr(reconstruct, "_seconds_per_tick", lambda bar: 1.0)
+    start = reconstruct.KlTicks.start
+    monkeypatch.setattr(reconstruct.KlTicks, "start", lambda self: totals.append(self.bar.total) or start(self))
+    dense = tiny_model()
+    plan = random_plan(dense, seed=2)  # layer 2 emptied: 0, 1 and 3 refined, 3 under kl
+    ignore = torch.zeros(6, 8, dtype=torch.bool)
+    ignore[:, :2] = True
+    head = dense.get_output_embeddings().weight.numel()
+    prune_with_reconstruction(dense, plan, _ids(6, 8, 0), "block", batch_size=2, block_epochs=1.5, ignore=ignore)
+    steps, kl_steps, kept = 4, 9, [reconstruct._kept_weights(plan, [i]) for i in (0, 1, 3)]
+    forecast = round(kl_steps * 20 / (steps * (kept[0] + kept[1])) * (kept[2] + 0.5 * 0.75 * head))
+    assert totals == [2 * 4 * 3 + steps * 2 + forecast]
 
 
 @pytest.mark.parametrize("rows", [0, 3, 200])
