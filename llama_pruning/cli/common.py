@@ -656,7 +656,7 @@ def _write_outputs(run: RunDir, args, model, tokenizer, plan: PruningPlan, repor
     if args.save_model:
         save_pruned_model(model, tokenizer, path, plan=plan, dtype=args.save_dtype)
         run.log(f"model saved in {run.final} (load it with llama_pruning.models.load_model; "
-                "plain transformers: see README, Safety)")
+                "plain transformers: see README, Saved models)")
     if args.save_gguf:
         from llama_pruning.cli.gguf_cmd import format_counts, source_gguf
         from llama_pruning.models.gguf_export import export_gguf
